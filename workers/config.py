@@ -1,0 +1,46 @@
+"""EngineConfig: validated once at the top; lower layers receive plain values."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="GGUF file or HF directory; None = the default SmolLM2-135M GGUF")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
+    device: str = Field("auto", description="auto = cuda if available else cpu")
+    kv_codec: str = Field("auto", description="KV page format; auto = the model dtype")
+    block_size: int = Field(16, ge=1, le=256)
+    num_kv_blocks: int | None = Field(None, ge=1, description="pool size; None = derived from kv_cache_memory_mb")
+    kv_cache_memory_mb: int = Field(512, ge=1, description="KV pool budget when num_kv_blocks is not given")
+    max_model_len: int | None = Field(None, ge=2, description="context window; None = the model's")
+    max_num_seqs: int = Field(64, ge=1, description="running sequences per step")
+    max_num_batched_tokens: int = Field(512, ge=1, description="token budget per step (chunked prefill)")
+    enable_prefix_caching: bool = True
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = leave torch's default")
+    role: Literal["unified", "prefill", "decode"] = "unified"
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two, got {value}")
+        return value
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

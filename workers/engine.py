@@ -1,0 +1,212 @@
+"""Engine: add_request / step / abort over the scheduler, the model runner and the sampler.
+
+Data flows one way: request -> Sequence -> Scheduler.schedule() -> ModelRunner -> sampler ->
+Engine._postprocess (append tokens, publish full blocks, stop checks) -> RequestOutput.
+No Ray here: a plain process can own an Engine (tests, benchmarks, `tierserve run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.config import EngineConfig
+from workers.kv.block_pool import BlockPool
+from workers.kv.codecs import KVCodec, make_codec
+from workers.kv.manager import KVCacheManager
+from workers.model.loader import LoadedModel, load_model
+from workers.model_runner import ModelRunner
+from workers.outputs import RequestOutput, TextState
+from workers.sampler import sample
+from workers.sampling_params import InvalidRequestError, SamplingParams
+from workers.scheduler import Scheduler
+from workers.sequence import FinishReason, Sequence, TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVStats:
+    num_blocks: int
+    num_used_blocks: int
+    num_free_blocks: int
+    block_size: int
+    bytes_per_block: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = config.resolved_device()
+        dtype = config.resolved_dtype()
+        self.loaded = loaded or load_model(config.model, dtype=dtype, device=self.device)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        model_config = self.loaded.config
+        self.codec: KVCodec = make_codec(config.kv_codec, self.model.dtype, model_config.num_kv_heads,
+                                         model_config.head_dim)
+        self.block_size = config.block_size
+        bytes_per_block = sum(self.codec.bytes_per_token(layer) for layer in range(model_config.num_layers)) \
+            * self.block_size
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_block)
+        self.kv_pages = [
+            self.codec.allocate(num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim,
+                                self.device)
+            for _ in range(model_config.num_layers)
+        ]
+        self.pool = BlockPool(num_blocks, enable_prefix_caching=config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, self.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.codec, self.kv_pages, self.block_size)
+        # A lone sequence must always fit in the pool, or it could wait forever.
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings, num_blocks * self.block_size)
+        self._bytes_per_block = bytes_per_block
+        self._sequences: dict[str, Sequence] = {}
+        self._text: dict[str, TextState] = {}
+        self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def make_sequence(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                      params: SamplingParams | None = None) -> Sequence:
+        """Validate and tokenize a request (no engine state touched: safe from any thread)."""
+        params = params or SamplingParams()
+        if not request_id:
+            raise InvalidRequestError("request_id", "must be a non-empty string")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str) or not prompt:
+                raise InvalidRequestError("prompt", "must be a non-empty string (or give prompt_token_ids)")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt_token_ids", "must not be empty")
+        vocab_size = self.loaded.config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError("prompt_token_ids", f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"prompt has {len(prompt_token_ids)} tokens; the context window is {self.max_model_len} "
+                          f"(prompt + at least one generated token must fit)")
+        generator = None
+        if not params.is_greedy:
+            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        return Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
+                        arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids, generator=generator)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self._sequences:
+            raise InvalidRequestError("request_id", f"request {seq.request_id!r} is already running")
+        self._sequences[seq.request_id] = seq
+        self._text[seq.request_id] = TextState(self.tokenizer, seq.prompt_token_ids, seq.params)
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                    params: SamplingParams | None = None) -> None:
+        self.add_sequence(self.make_sequence(request_id, prompt, prompt_token_ids, params))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._sequences.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, FinishReason.ABORT, [], "", [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._sequences)
+
+    def kv_stats(self) -> KVStats:
+        return KVStats(num_blocks=self.pool.num_blocks, num_used_blocks=self.pool.num_used_blocks,
+                       num_free_blocks=self.pool.num_free_blocks, block_size=self.block_size,
+                       bytes_per_block=self._bytes_per_block)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        model_output = self.runner.execute(scheduled.scheduled)
+        for item in scheduled.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(item.seq)
+        seqs = model_output.sampled_seqs
+        sampled = sample(model_output.logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return [self._postprocess(seq, token_id, logprobs)
+                for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs)]
+
+    def _postprocess(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        seq.output_token_ids.append(token_id)
+        params = seq.params
+        logprob_list = [logprobs] if logprobs is not None else []
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in seq.eos_token_ids):
+            return self._finish(seq, FinishReason.STOP, [token_id], "", logprob_list)
+        text_delta, hit_stop_string = self._text[seq.request_id].add_token(token_id)
+        if hit_stop_string:
+            return self._finish(seq, FinishReason.STOP, [token_id], text_delta, logprob_list)
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, FinishReason.LENGTH, [token_id], text_delta, logprob_list)
+        return self._output(seq, [token_id], text_delta, logprob_list, finished=False)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, new_token_ids: list[int], text_delta: str,
+                logprobs: list[TokenLogprobs]) -> RequestOutput:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        text_state = self._text.pop(seq.request_id)
+        if reason is not FinishReason.STOP or not seq.params.stop:
+            text_delta += text_state.finish()
+        del self._sequences[seq.request_id]
+        return self._output(seq, new_token_ids, text_delta, logprobs, finished=True)
+
+    def _output(self, seq, new_token_ids, text_delta, logprobs, finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_token_ids, new_text=text_delta, finished=finished,
+            finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens, logprobs=logprobs)
+
+    # ---- convenience ----------------------------------------------------------------------------
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list["Completion"]:
+        """Run prompts to completion (blocking); returns one Completion per prompt, in order."""
+        request_ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(request_ids, prompts):
+            if isinstance(prompt, str):
+                self.add_request(request_id, prompt=prompt, params=params)
+            else:
+                self.add_request(request_id, prompt_token_ids=prompt, params=params)
+        completions = {request_id: Completion(request_id) for request_id in request_ids}
+        while any(not c.finished for c in completions.values()):
+            for output in self.step():
+                if output.request_id in completions:
+                    completions[output.request_id].add(output)
+        return [completions[request_id] for request_id in request_ids]
+
+
+@dataclass
+class Completion:
+    """A whole request's result, folded from its RequestOutputs."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def add(self, output: RequestOutput) -> None:
+        self.token_ids.extend(output.new_token_ids)
+        self.text += output.new_text
+        self.logprobs.extend(output.logprobs)
+        self.finished = output.finished
+        self.finish_reason = output.finish_reason
+        self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_cached_tokens = output.num_cached_tokens

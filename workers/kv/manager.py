@@ -1,0 +1,81 @@
+"""KVCacheManager: per-sequence block tables on top of the BlockPool (prefix hits, growth, release).
+
+Check/act pairs: the scheduler asks `allocate_slots` and, on False, preempts; nothing is half-done.
+Block tables are append-only while a sequence runs; a preempted sequence gives back all its blocks.
+"""
+
+from __future__ import annotations
+
+from workers.kv.block_pool import BlockHash, BlockPool, hash_block_tokens
+from workers.sequence import Sequence
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self._block_hashes: dict[str, list[BlockHash]] = {}  # request id -> hashes of its full blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_prefix_hit(self, seq: Sequence) -> tuple[list[int], int]:
+        """Cached blocks holding a prefix of seq's tokens, and how many tokens they cover.
+
+        The last token is never served from cache: its logits are needed to sample the next token.
+        """
+        if not self.pool.enable_prefix_caching:
+            return [], 0
+        token_ids = seq.token_ids
+        max_full_blocks = (len(token_ids) - 1) // self.block_size
+        hit_blocks: list[int] = []
+        parent: BlockHash | None = None
+        for index in range(max_full_blocks):
+            start = index * self.block_size
+            parent = hash_block_tokens(parent, token_ids[start:start + self.block_size])
+            block_id = self.pool.lookup(parent)
+            if block_id is None:
+                break
+            hit_blocks.append(block_id)
+        return hit_blocks, len(hit_blocks) * self.block_size
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] = ()) -> bool:
+        """Make room for num_new_tokens after seq.num_computed_tokens (+ the prefix hit). False if the pool is short."""
+        num_have = len(seq.block_table) + len(prefix_blocks)
+        num_prefix_tokens = len(prefix_blocks) * self.block_size
+        total_tokens = max(seq.num_computed_tokens, num_prefix_tokens) + num_new_tokens
+        num_missing = max(0, self.blocks_needed(total_tokens) - num_have)
+        # Reviving a free cached block takes it off the free queue too, so count it against the budget.
+        num_revived = sum(1 for b in prefix_blocks if self.pool.blocks[b].ref_count == 0)
+        if not self.pool.can_allocate(num_missing + num_revived):
+            return False
+        if prefix_blocks:
+            self.pool.touch(prefix_blocks)
+            seq.block_table.extend(prefix_blocks)
+        seq.block_table.extend(self.pool.allocate(num_missing))
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Publish the hashes of blocks that became full of computed tokens."""
+        if not self.pool.enable_prefix_caching:
+            return
+        hashes = self._block_hashes.setdefault(seq.request_id, [])
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= len(hashes):
+            return
+        token_ids = seq.token_ids
+        parent = hashes[-1] if hashes else None
+        for index in range(len(hashes), num_full):
+            start = index * self.block_size
+            parent = hash_block_tokens(parent, token_ids[start:start + self.block_size])
+            hashes.append(parent)
+            self.pool.cache_block(seq.block_table[index], parent)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail first: the end of a sequence is the least likely to be shared, so it is reused first.
+        self.pool.free(reversed(seq.block_table))
+        seq.block_table = []
+        self._block_hashes.pop(seq.request_id, None)
+
+    def num_blocks_held(self, seq: Sequence) -> int:
+        return len(seq.block_table)

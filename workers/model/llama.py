@@ -1,0 +1,187 @@
+"""One Llama-family decoder (Llama, Mistral, Qwen2): GQA, RoPE, optional q/k/v bias, tied or untied head.
+
+q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs: the decode step on a CPU is
+dominated by per-op overhead and weight reads). Weights arrive under Hugging Face names and are
+routed by the declared STACKED_PARAMS table.
+
+# T=tokens in the step, E=hidden size, I=intermediate size, H=query heads, Hkv=KV heads, D=head dim, V=vocab
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.attention import AttentionMetadata, paged_attention
+from workers.kv.codecs import KVCodec, LayerPages
+from workers.model.config import ModelConfig
+from workers.model.rope import RotaryEmbedding, rope_inv_freq
+
+# (our fused parameter, HF projection name, shard index) — the HF projections packed into one matmul.
+STACKED_PARAMS = (
+    ("qkv_proj", "q_proj", 0),
+    ("qkv_proj", "k_proj", 1),
+    ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as HF (normalise in fp32, cast, then scale) so fp32 logits agree to ~1e-5.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.shard_sizes), bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, pages: LayerPages,
+                codec: KVCodec, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
+        query, key, value = qkv.split(self.shard_sizes, dim=-1)
+        query = rope.apply(query.view(num_tokens, self.num_heads, self.head_dim), positions)
+        key = rope.apply(key.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = paged_attention(query, key, value, pages, codec, meta, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.shard_sizes = (config.intermediate_size, config.intermediate_size)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden).split(self.intermediate_size, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, positions, rope, pages, codec, meta) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, rope, pages, codec, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 rope_freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        # Built on the meta device: random init of 100M+ parameters would cost seconds, and every
+        # parameter is overwritten by load_weights (which checks that none is left out).
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.to_empty(device=device)
+        self.to(dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.requires_grad_(False)
+        self.rope = RotaryEmbedding(rope_inv_freq(config, rope_freq_factors), config.max_position_embeddings,
+                                    dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_pages: list[LayerPages],
+                codec: KVCodec, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids [T], positions [T] -> final hidden states [T, E] (normed)."""
+        hidden = self.embed_tokens(input_ids)
+        for layer, pages in zip(self.layers, kv_pages):
+            hidden = layer(hidden, positions, self.rope, pages, codec, meta)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, E] -> logits [N, V] in float32."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take (HF name, tensor) pairs; every parameter must be covered exactly once."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = _our_name(hf_name)
+            if name is None:
+                continue  # rotary buffers and similar non-parameters
+            target, shard = _stacked_target(name)
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {hf_name!r} has no matching parameter ({target})")
+            param = params[target]
+            if shard is None:
+                _copy_checked(param.data, tensor, hf_name)
+            else:
+                module = self.get_submodule(target.rsplit(".", 2)[0])
+                sizes = module.shard_sizes
+                start = sum(sizes[:shard])
+                _copy_checked(param.data.narrow(0, start, sizes[shard]), tensor, hf_name)
+                target = f"{target}#{shard}"
+            loaded.add(target)
+        self._check_all_loaded(loaded)
+
+    def _check_all_loaded(self, loaded: set[str]) -> None:
+        expected = set()
+        for name, _ in self.named_parameters(remove_duplicate=False):
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            module_name = name.rsplit(".", 2)
+            fused = [(p, s) for p, _, s in STACKED_PARAMS if module_name[-2] == p]
+            if fused:
+                num_shards = 3 if module_name[-2] == "qkv_proj" else 2
+                expected.update(f"{name}#{s}" for s in range(num_shards))
+            else:
+                expected.add(name)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _our_name(hf_name: str) -> str | None:
+    if "rotary_emb" in hf_name:
+        return None
+    return hf_name.removeprefix("model.")
+
+
+def _stacked_target(name: str) -> tuple[str, int | None]:
+    for fused, proj, shard in STACKED_PARAMS:
+        if f".{proj}." in name:
+            return name.replace(f".{proj}.", f".{fused}."), shard
+    return name, None
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, hf_name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"tensor {hf_name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)

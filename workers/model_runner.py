@@ -1,0 +1,95 @@
+"""ModelRunner: turns a SchedulerOutput into flat tensors + AttentionMetadata, runs the model, returns logits.
+
+Decode rows come first in the flattened batch (one token each), then prefill chunks; logits are
+computed only for rows that end a sequence's known tokens (the lm_head is the largest matmul).
+
+# T=tokens in the step, N=rows to sample, V=vocab, Bd=decode sequences, M=max blocks per decode sequence
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.attention import AttentionMetadata, PrefillChunk
+from workers.kv.codecs import KVCodec, LayerPages
+from workers.model.llama import LlamaForCausalLM
+from workers.scheduler import ScheduledSequence
+from workers.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    sampled_seqs: list[Sequence]  # sequences whose next token must be sampled, in logits row order
+    logits: torch.Tensor  # [N, V] float32
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, codec: KVCodec, kv_pages: list[LayerPages], block_size: int):
+        self.model = model
+        self.codec = codec
+        self.kv_pages = kv_pages
+        self.block_size = block_size
+        self.device = model.device
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
+        decodes = [s for s in scheduled if s.is_decode]
+        prefills = [s for s in scheduled if not s.is_decode]
+        block_size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampled_seqs: list[Sequence] = []
+
+        for item in decodes:
+            seq = item.seq
+            position = seq.num_computed_tokens
+            input_ids.append(seq.prompt_token_ids[position] if position < seq.num_prompt_tokens
+                             else seq.output_token_ids[position - seq.num_prompt_tokens])
+            positions.append(position)
+            slots.append(seq.block_table[position // block_size] * block_size + position % block_size)
+            if position + 1 == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sampled_seqs.append(seq)
+
+        chunks: list[PrefillChunk] = []
+        for item in prefills:
+            seq = item.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+            chunks.append(PrefillChunk(
+                query_start=len(input_ids), query_len=item.num_new_tokens, context_len=start,
+                block_ids=torch.tensor(seq.block_table[:-(-end // block_size)], dtype=torch.long, device=self.device),
+            ))
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            if end == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sampled_seqs.append(seq)
+
+        decode_block_tables = decode_seq_lens = None
+        if decodes:
+            max_blocks = max(len(item.seq.block_table) for item in decodes)
+            decode_block_tables = torch.tensor(
+                [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in decodes],
+                dtype=torch.int32, device=self.device)
+            decode_seq_lens = torch.tensor([item.seq.num_computed_tokens + 1 for item in decodes],
+                                           dtype=torch.int32, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=decode_block_tables,
+            decode_seq_lens=decode_seq_lens,
+            prefills=tuple(chunks),
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            self.kv_pages, self.codec, meta,
+        )
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)])
+        return ModelOutput(sampled_seqs=sampled_seqs, logits=logits.cpu())

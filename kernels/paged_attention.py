@@ -118,17 +118,19 @@ def reference_paged_decode_attention(
     # Looping over KV heads lets bmm read K/V for head h in place through strides
     # (row stride Hkv*D); a single [B, Hkv, L, D] matmul would first need a transpose copy
     # of all of K and V, which costs more than the matmuls themselves.
-    scores = torch.empty(B, Hkv, G, L, dtype=torch.float32, device=device)
+    # Head-major [Hkv, B, ...] buffers: each per-head bmm then writes a contiguous slice
+    # (a strided out= makes baddbmm fall back to one small matmul per sequence).
+    scores = torch.empty(Hkv, B, G, L, dtype=torch.float32, device=device)
     for c0 in range(0, n_blocks, chunk_blocks):
         c1 = min(c0 + chunk_blocks, n_blocks)
         k = gather(k_rows, c0, c1)
         for h in range(Hkv):
-            torch.bmm(q[:, h], k[:, :, h].transpose(1, 2), out=scores[:, h, :, c0 * S : c1 * S])
+            torch.bmm(q[:, h], k[:, :, h].transpose(1, 2), out=scores[h, :, :, c0 * S : c1 * S])
     # masked_fill (not an additive mask) so that inf/NaN garbage in padding slots cannot leak.
-    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    scores.masked_fill_(invalid[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # seq_len >= 1, so no row is all -inf
 
-    out = torch.zeros(B, Hkv, G, D, dtype=torch.float32, device=device)
+    out = torch.zeros(Hkv, B, G, D, dtype=torch.float32, device=device)
     for c0 in range(0, n_blocks, chunk_blocks):
         c1 = min(c0 + chunk_blocks, n_blocks)
         v = gather(v_rows, c0, c1)
@@ -137,8 +139,8 @@ def reference_paged_decode_attention(
         bad_rows = invalid[:, c0 * S : c1 * S].reshape(-1).nonzero().squeeze(1)
         v.view(-1, Hkv * D).index_fill_(0, bad_rows, 0.0)
         for h in range(Hkv):
-            out[:, h].baddbmm_(probs[:, h, :, c0 * S : c1 * S], v[:, :, h])
-    return out.view(B, H, D).to(query.dtype)
+            out[h].baddbmm_(probs[h, :, :, c0 * S : c1 * S], v[:, :, h])
+    return out.transpose(0, 1).reshape(B, H, D).to(query.dtype)
 
 
 if _HAS_TRITON:

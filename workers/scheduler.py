@@ -47,6 +47,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # lifetime count (a metric)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -102,5 +103,6 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

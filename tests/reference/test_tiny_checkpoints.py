@@ -1,0 +1,102 @@
+"""Our decoder vs transformers on tiny random checkpoints made on the fly: logits equal to fp32 tolerance."""
+
+import pytest
+import torch
+
+from tests.checkpoints import make_tiny_hf_checkpoint, write_tiny_gguf
+from workers.attention import AttentionMetadata, PrefillChunk
+from workers.kv.codecs import make_codec
+from workers.model.config import UnsupportedModelError
+from workers.model.loader import load_model
+
+FP32_ATOL = 1e-4
+
+
+def prefill_logits(loaded, token_ids: list[int]) -> torch.Tensor:
+    """One whole-prompt prefill through the paged path; logits for every position."""
+    config = loaded.config
+    block_size = 16
+    num_blocks = -(-len(token_ids) // block_size)
+    codec = make_codec("auto", torch.float32, config.num_kv_heads, config.head_dim)
+    pages = [codec.allocate(num_blocks, block_size, config.num_kv_heads, config.head_dim, torch.device("cpu"))
+             for _ in range(config.num_layers)]
+    num_tokens = len(token_ids)
+    meta = AttentionMetadata(slot_mapping=torch.arange(num_tokens), num_decode_tokens=0, decode_block_tables=None,
+                             decode_seq_lens=None,
+                             prefills=(PrefillChunk(0, num_tokens, 0, torch.arange(num_blocks)),))
+    with torch.inference_mode():
+        hidden = loaded.model(torch.tensor(token_ids), torch.arange(num_tokens), pages, codec, meta)
+        return loaded.model.compute_logits(hidden)
+
+
+def hf_logits(model_dir, token_ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0]
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama-untied", "qwen2", "llama3-rope", "linear-rope"])
+def test_hf_checkpoint_logits_match_transformers(tmp_path, variant):
+    model_dir = make_tiny_hf_checkpoint(tmp_path / variant, variant)
+    loaded = load_model(str(model_dir), dtype=torch.float32)
+    if variant == "qwen2":
+        assert loaded.config.qkv_bias
+    assert loaded.config.tie_word_embeddings == (variant != "llama-untied")
+    generator = torch.Generator().manual_seed(1)
+    # Long enough that llama3/linear scaling matters (positions past original_max_position_embeddings=64).
+    token_ids = torch.randint(3, loaded.config.vocab_size, (200,), generator=generator).tolist()
+    ours = prefill_logits(loaded, token_ids)
+    theirs = hf_logits(model_dir, token_ids)
+    assert (ours - theirs).abs().max().item() < FP32_ATOL
+
+
+@pytest.mark.parametrize("quant", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_loader_unpermutes_and_dequantizes(tmp_path, quant):
+    """A tiny GGUF written like llama.cpp's converter (Q/K rows permuted) must load back to HF-equal logits.
+
+    The oracle is transformers on the HF weights round-tripped through the same quantizer. Quant blocks
+    run along each row, and the Q/K permutation moves whole rows, so the round trip commutes with it:
+    the comparison stays exact to fp32 tolerance for every quant type.
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    from safetensors.torch import load_file, save_file
+
+    model_dir = make_tiny_hf_checkpoint(tmp_path / "hf", "llama-untied")
+    gguf_path = write_tiny_gguf(tmp_path / f"tiny-{quant}.gguf", model_dir, quant)
+    loaded = load_model(str(gguf_path), dtype=torch.float32)
+    assert loaded.tokenizer.chat_template is not None
+
+    qtype = GGMLQuantizationType[quant]
+    weights = load_file(str(model_dir / "model.safetensors"))
+    for name, weight in weights.items():
+        if weight.dim() == 2 and quant != "F32":
+            array = weight.float().numpy()
+            packed = array.astype(np.float16) if quant == "F16" else quantize(array, qtype)
+            weights[name] = torch.from_numpy(np.asarray(dequantize(packed, qtype), dtype=np.float32).copy()
+                                             ).reshape(weight.shape)
+    save_file(weights, str(model_dir / "model.safetensors"))
+    token_ids = torch.randint(3, loaded.config.vocab_size, (64,), generator=torch.Generator().manual_seed(2)).tolist()
+    ours = prefill_logits(loaded, token_ids)
+    theirs = hf_logits(model_dir, token_ids)
+    assert (ours - theirs).abs().max().item() < FP32_ATOL
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    model_dir = make_tiny_hf_checkpoint(tmp_path / "gpt2", "unsupported")
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        load_model(str(model_dir))
+
+
+def test_missing_and_corrupt_model_files(tmp_path):
+    from workers.model.gguf_loader import CorruptModelError
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(str(tmp_path / "nope.gguf"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(CorruptModelError, match="not a valid GGUF"):
+        load_model(str(junk))

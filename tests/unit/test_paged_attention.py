@@ -1,0 +1,183 @@
+"""Paged decode attention: torch reference vs a naive oracle, Triton (interpreted) vs reference."""
+
+import os
+
+# Must be set before triton is imported anywhere: @triton.jit picks the interpreter at decoration time.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import paged_attention as pa  # noqa: E402
+
+GARBAGE = 1e30  # huge but finite; NaN/inf garbage is tested separately
+
+
+def make_paged_inputs(
+    seq_lens: list[int],
+    H: int,
+    Hkv: int,
+    D: int,
+    S: int,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    extra_blocks: int = 5,
+    garbage: float = GARBAGE,
+) -> tuple[torch.Tensor, ...]:
+    """Random paged inputs. Every pool slot not holding a real token (unused blocks, the tail of
+    each sequence's last block) is filled with `garbage`; blocks are assigned in shuffled order
+    and block_tables padding points at random (garbage) blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    B = len(seq_lens)
+    blocks_needed = [math.ceil(n / S) for n in seq_lens]
+    M = max(blocks_needed) + 2  # always some padding columns
+    N = sum(blocks_needed) + extra_blocks
+
+    key_cache = torch.full((N, S, Hkv, D), garbage, dtype=dtype)
+    value_cache = torch.full((N, S, Hkv, D), -garbage, dtype=dtype)
+    perm = torch.randperm(N, generator=gen)  # non-contiguous, out-of-order pages
+    block_tables = torch.randint(0, N, (B, M), generator=gen, dtype=torch.int32)  # padding = random ids
+    used = 0
+    for b, (n_tok, n_blk) in enumerate(zip(seq_lens, blocks_needed)):
+        ids = perm[used : used + n_blk]
+        used += n_blk
+        block_tables[b, :n_blk] = ids.to(torch.int32)
+        for t in range(n_tok):
+            key_cache[ids[t // S], t % S] = torch.randn(Hkv, D, generator=gen).to(dtype)
+            value_cache[ids[t // S], t % S] = torch.randn(Hkv, D, generator=gen).to(dtype)
+    query = torch.randn(B, H, D, generator=gen).to(dtype)
+    return query, key_cache, value_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def naive_attention(query, key_cache, value_cache, block_tables, seq_lens, scale) -> torch.Tensor:
+    """Oracle: per sequence, rebuild contiguous K/V from the pages, per head, float64 softmax."""
+    B, H, D = query.shape
+    _, S, Hkv, _ = key_cache.shape
+    G = H // Hkv
+    out = torch.empty(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(seq_lens[b])
+        blocks = [int(block_tables[b, i]) for i in range(math.ceil(n / S))]
+        k = torch.cat([key_cache[i] for i in blocks])[:n].double()  # [n, Hkv, D]
+        v = torch.cat([value_cache[i] for i in blocks])[:n].double()
+        for h in range(H):
+            probs = torch.softmax(k[:, h // G] @ query[b, h].double() * scale, dim=0)
+            out[b, h] = probs @ v[:, h // G]
+    return out
+
+
+# (seq_lens, H, Hkv, D, S)
+REFERENCE_CASES = [
+    pytest.param([37, 1, 64, 100], 9, 3, 64, 16, id="gqa9/3-d64-mixed"),  # the real model
+    pytest.param([1], 9, 3, 64, 16, id="gqa-single-token"),
+    pytest.param([1, 1, 1], 4, 4, 32, 8, id="mha-all-len1"),
+    pytest.param([32, 48, 16], 4, 4, 32, 16, id="mha-multiple-of-S"),
+    pytest.param([5, 200, 77, 130, 9], 8, 2, 16, 32, id="gqa8/2-S32"),
+    pytest.param([50, 3], 6, 1, 24, 4, id="mqa-d24-S4"),
+]
+
+
+@pytest.mark.parametrize("seq_lens,H,Hkv,D,S", REFERENCE_CASES)
+def test_reference_matches_naive(seq_lens, H, Hkv, D, S):
+    inputs = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=sum(seq_lens) * 31 + H * 7 + D)
+    scale = D**-0.5
+    expected = naive_attention(*inputs, scale)
+    out = pa.reference_paged_decode_attention(*inputs, scale)
+    assert out.dtype == torch.float32 and out.shape == inputs[0].shape
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 2, 3])
+def test_reference_chunked_matches_naive(chunk_blocks):
+    # Small chunks force the multi-chunk gather path that long sequences take in production.
+    inputs = make_paged_inputs([37, 1, 64, 100, 16], 9, 3, 64, 16, seed=7)
+    expected = naive_attention(*inputs, 0.125)
+    out = pa.reference_paged_decode_attention(*inputs, 0.125, chunk_blocks=chunk_blocks)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("garbage", [1e4, float("nan"), float("inf")])
+def test_garbage_in_unused_slots_has_no_influence(impl, garbage):
+    fn = {"reference": pa.reference_paged_decode_attention, "triton": pa.triton_paged_decode_attention}[impl]
+    seq_lens, H, Hkv, D, S = [13, 40, 1], 6, 2, 16, 8
+    clean = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=3, garbage=0.0)
+    dirty = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=3, garbage=garbage)
+    out_clean = fn(*clean, 0.25)
+    out_dirty = fn(*dirty, 0.25)
+    assert torch.isfinite(out_dirty).all()
+    # Masked slots contribute exactly zero, so the result is bit-identical.
+    torch.testing.assert_close(out_dirty, out_clean, atol=0, rtol=0)
+
+
+def test_reference_bf16_matches_naive():
+    inputs = make_paged_inputs([20, 45], 9, 3, 64, 16, seed=11, dtype=torch.bfloat16)
+    expected = naive_attention(*inputs, 0.125)
+    out = pa.reference_paged_decode_attention(*inputs, 0.125)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+triton_required = pytest.mark.skipif(not pa._HAS_TRITON, reason="triton not installed")
+
+# Small shapes: the interpreter runs the kernel in numpy, one program at a time.
+TRITON_CASES = [
+    pytest.param([37, 1, 48], 9, 3, 64, 16, id="gqa9/3-d64"),
+    pytest.param([16, 5], 4, 4, 32, 8, id="mha-multiple-of-S"),
+    pytest.param([1, 30], 4, 1, 16, 16, id="mqa-len1"),
+    pytest.param([23, 9], 4, 2, 24, 8, id="d24-not-pow2"),
+]
+
+
+@triton_required
+@pytest.mark.parametrize("seq_lens,H,Hkv,D,S", TRITON_CASES)
+def test_triton_matches_reference(seq_lens, H, Hkv, D, S):
+    inputs = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=sum(seq_lens) + D)
+    scale = D**-0.5
+    expected = pa.reference_paged_decode_attention(*inputs, scale)
+    out = pa.triton_paged_decode_attention(*inputs, scale)
+    assert out.dtype == torch.float32 and out.shape == inputs[0].shape
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@triton_required
+def test_triton_bf16_matches_reference():
+    inputs = make_paged_inputs([19, 8], 6, 3, 32, 8, seed=5, dtype=torch.bfloat16)
+    expected = pa.reference_paged_decode_attention(*inputs, 0.2)
+    out = pa.triton_paged_decode_attention(*inputs, 0.2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_triton_missing_raises_clear_error(monkeypatch):
+    monkeypatch.setattr(pa, "_HAS_TRITON", False)
+    inputs = make_paged_inputs([3], 2, 1, 8, 4, seed=0)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        pa.triton_paged_decode_attention(*inputs, 1.0)
+
+
+def test_dispatcher_uses_reference_on_cpu(monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("Triton path taken for CPU tensors")
+
+    monkeypatch.setattr(pa, "triton_paged_decode_attention", must_not_run)
+    inputs = make_paged_inputs([10, 33], 9, 3, 64, 16, seed=1)
+    out = pa.paged_decode_attention(*inputs, 0.125)
+    torch.testing.assert_close(out, pa.reference_paged_decode_attention(*inputs, 0.125), atol=0, rtol=0)
+
+
+def test_dispatcher_rejects_bad_shapes():
+    q, k, v, bt, sl = make_paged_inputs([10, 33], 9, 3, 64, 16, seed=1)
+    with pytest.raises(AssertionError, match="multiple of KV heads"):
+        pa.paged_decode_attention(q[:, :8], k, v, bt, sl, 0.125)
+    with pytest.raises(AssertionError, match="head dim mismatch"):
+        pa.paged_decode_attention(q[..., :32], k, v, bt, sl, 0.125)
+    with pytest.raises(AssertionError, match="block_tables must be int32"):
+        pa.paged_decode_attention(q, k, v, bt.long(), sl, 0.125)
+    with pytest.raises(AssertionError, match="seq_lens must be"):
+        pa.paged_decode_attention(q, k, v, bt, sl[:1], 0.125)
+    with pytest.raises(AssertionError, match="must match query dtype"):
+        pa.paged_decode_attention(q, k.half(), v.half(), bt, sl, 0.125)

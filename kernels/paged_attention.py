@@ -27,11 +27,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# The CPU path gathers K (then V) in chunks of blocks so the gather buffer stays this size
-# (fp32 elements, 16 MiB) however long the sequences are: a single gather for B=32 x 8192
-# tokens would allocate hundreds of MiB per call, and the page faults on that fresh memory
-# cost more than the attention math. Measured ~2.5x faster than one big gather at 8k tokens.
-_CPU_CHUNK_ELEMS = 4 * 1024 * 1024
+# The CPU path gathers K (then V) in chunks of blocks so the gather buffer stays about this
+# many elements (32 MiB in fp32) however long the sequences are: one gather for B=32 x 8192
+# tokens would allocate hundreds of MiB per call, and faulting in that fresh memory costs
+# more than the attention math. Measured ~2x faster than a single gather at B=32, 8k tokens
+# (9/3 heads, D=64); 4-16M elements all performed about the same, 1-3M was slower.
+_CPU_CHUNK_ELEMS = 8 * 1024 * 1024
 
 
 def _check_inputs(
@@ -79,7 +80,7 @@ def reference_paged_decode_attention(
 
     Two passes over the sequences' blocks, ``chunk_blocks`` block columns at a time
     (default: sized from ``_CPU_CHUNK_ELEMS``): pass 1 fills the full score matrix
-    [B, Hkv, G, L] (small: no D), one exact softmax, pass 2 accumulates probs @ V.
+    [Hkv, B, G, L] (small: no D), one exact softmax, pass 2 accumulates probs @ V.
     Loops run over chunks and KV heads only, never over the batch.
     """
     B, H, D = query.shape
@@ -104,7 +105,8 @@ def reference_paged_decode_attention(
     invalid = torch.arange(L, device=device)[None, :] >= seq_lens[:, None].long()  # [B, L]
     # Scale folded into q: B*H*D multiplies instead of B*H*L.
     q = (query.float() * scale).view(B, Hkv, G, D)
-    # Pool viewed as rows of one block each, so a gather is one contiguous memcpy per block.
+    # Pool viewed as rows of one block each (a free view of a contiguous pool), so a gather
+    # is one contiguous memcpy per block.
     k_rows = key_cache.reshape(N, S * Hkv * D)
     v_rows = value_cache.reshape(N, S * Hkv * D)
     buf = torch.empty(B * chunk_blocks, S * Hkv * D, dtype=key_cache.dtype, device=device)
@@ -117,9 +119,9 @@ def reference_paged_decode_attention(
 
     # Looping over KV heads lets bmm read K/V for head h in place through strides
     # (row stride Hkv*D); a single [B, Hkv, L, D] matmul would first need a transpose copy
-    # of all of K and V, which costs more than the matmuls themselves.
-    # Head-major [Hkv, B, ...] buffers: each per-head bmm then writes a contiguous slice
-    # (a strided out= makes baddbmm fall back to one small matmul per sequence).
+    # of all of K and V, which costs more than the matmuls themselves. Scores and output are
+    # head-major [Hkv, B, ...] so each per-head bmm writes a contiguous slice (a strided
+    # out= makes baddbmm fall back to one small matmul per sequence).
     scores = torch.empty(Hkv, B, G, L, dtype=torch.float32, device=device)
     for c0 in range(0, n_blocks, chunk_blocks):
         c1 = min(c0 + chunk_blocks, n_blocks)

@@ -56,14 +56,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, pages: LayerPages,
+    def forward(self, hidden: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], pages: LayerPages,
                 codec: KVCodec, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
-        query, key, value = qkv.split(self.shard_sizes, dim=-1)
-        query = rope.apply(query.view(num_tokens, self.num_heads, self.head_dim), positions)
-        key = rope.apply(key.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        # q and k are adjacent in qkv: rotate them as one [T, H + Hkv, D] tensor (half the small ops).
+        query_key = RotaryEmbedding.apply(
+            qkv[:, :self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim),
+            *rope_cos_sin)
+        query, key = query_key.split((self.num_heads, self.num_kv_heads), dim=1)
+        value = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(query, key, value, pages, codec, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -89,9 +91,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, positions, rope, pages, codec, meta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, rope, pages, codec, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, rope_cos_sin, pages, codec, meta) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope_cos_sin, pages, codec, meta)
+        return hidden.add_(self.mlp(self.post_attention_layernorm(hidden)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -120,8 +122,9 @@ class LlamaForCausalLM(nn.Module):
                 codec: KVCodec, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids [T], positions [T] -> final hidden states [T, E] (normed)."""
         hidden = self.embed_tokens(input_ids)
+        rope_cos_sin = self.rope.lookup(positions)
         for layer, pages in zip(self.layers, kv_pages):
-            hidden = layer(hidden, positions, self.rope, pages, codec, meta)
+            hidden = layer(hidden, rope_cos_sin, pages, codec, meta)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

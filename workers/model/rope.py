@@ -52,9 +52,12 @@ class RotaryEmbedding:
         self.sin = freqs.sin().to(dtype=dtype, device=device)  # [P, F]
         self.max_positions = max_positions
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, H, D], positions: [T] -> [T, H, D] rotated."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, F]
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)  # rotate_half layout: (first half, second half) pair up
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin) [T, 1, F]; done once per step and shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D] with cos/sin [T, 1, F] -> [T, H, D] rotated (rotate_half layout: halves pair up)."""
+        x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

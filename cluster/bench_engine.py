@@ -1,0 +1,227 @@
+"""`tierserve bench engine`: prefill and decode throughput of the in-process engine vs transformers.
+
+Everything is measured in one run on the same machine (these machines are shared and noisy, so
+only same-run ratios mean anything). Progress goes to stderr, the table to stdout, JSON to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class EngineBenchResult:
+    model: str
+    dtype: str
+    threads: int
+    prompt_len: int
+    decode_tokens: int
+    matmul_roofline_gflops: float  # measured on the model's own GEMM shapes at batch 32
+    roofline_decode_tok_s: float  # what that roofline allows for decode (2 FLOPs per weight per token)
+    prefill_tok_s: float
+    single_stream_decode_tok_s: float
+    aggregate_decode_tok_s: dict[int, float]
+    peak_rss_mb: float
+    hf_prefill_tok_s: float | None = None
+    hf_single_stream_decode_tok_s: float | None = None
+    hf_batch_decode_tok_s: dict[int, float] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    machine: dict[str, str] = field(default_factory=dict)
+
+
+def _progress(message: str) -> None:
+    print(f"[bench engine] {message}", file=sys.stderr, flush=True)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure_matmul_roofline(model_config, dtype: torch.dtype, batch: int = 32, seconds: float = 2.0) -> float:
+    """GFLOP/s of torch's matmul on this model's weight shapes (the best a decode step could do)."""
+    shapes = [
+        (model_config.num_heads * model_config.head_dim + 2 * model_config.num_kv_heads * model_config.head_dim,
+         model_config.hidden_size),
+        (model_config.hidden_size, model_config.num_heads * model_config.head_dim),
+        (2 * model_config.intermediate_size, model_config.hidden_size),
+        (model_config.hidden_size, model_config.intermediate_size),
+        (model_config.vocab_size, model_config.hidden_size),
+    ]
+    weights = [torch.randn(shape, dtype=dtype) for shape in shapes]
+    inputs = [torch.randn(batch, shape[1], dtype=dtype) for shape in shapes]
+    flops_per_round = sum(2 * batch * n * k for n, k in shapes)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        for weight, x in zip(weights, inputs):
+            torch.nn.functional.linear(x, weight)
+        best = max(best, flops_per_round / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def _prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    # Distinct first tokens so prefix caching cannot share work between requests.
+    return [[1000 + i] + torch.randint(100, vocab_size - 100, (length - 1,), generator=generator).tolist()
+            for i in range(count)]
+
+
+def bench_ours(engine, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
+    """Runs len(prompts) concurrent requests; returns (time to all first tokens, decode tok/s after that)."""
+    from workers.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
+    engine.pool.reset_prefix_cache()
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", prompt_token_ids=prompt, params=params)
+    # The decode window opens once every request has its first token (prefill done for all).
+    have_first_token: set[str] = set()
+    decode_started = None
+    decoded = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        if decode_started is None:
+            have_first_token.update(o.request_id for o in outputs)
+            if len(have_first_token) == len(prompts):
+                decode_started = time.perf_counter()
+        else:
+            decoded += sum(len(o.new_token_ids) for o in outputs)
+    finished = time.perf_counter()
+    return decode_started - started, decoded / (finished - decode_started)
+
+
+def bench_transformers(model_path: str, dtype: torch.dtype, prompt_len: int, decode_tokens: int,
+                       batch_sizes: list[int], vocab_size: int) -> tuple[float, float, dict[int, float]]:
+    from transformers import AutoModelForCausalLM
+
+    directory, name = os.path.split(model_path)
+    if os.path.isdir(model_path):
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype).eval()
+
+    def generate_seconds(batch: int, new_tokens: int) -> float:
+        ids = torch.tensor(_prompts(vocab_size, batch, prompt_len, seed=1))
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - started
+
+    # The first generate calls of a shape are several times slower (lazy kernel setup): warm up each
+    # batch size, and take the best of two short runs so the prefill estimate is not inflated.
+    decode_rates = {}
+    prefill_seconds = None
+    for batch in batch_sizes:
+        generate_seconds(batch, 4)
+        generate_seconds(batch, 4)
+        one = min(generate_seconds(batch, 1), generate_seconds(batch, 1))
+        if batch == 1:
+            prefill_seconds = one
+        # Decode rate = the extra time for decode_tokens more tokens, so prefill cancels out.
+        full = generate_seconds(batch, decode_tokens + 1)
+        decode_rates[batch] = batch * decode_tokens / (full - one)
+    del model
+    return prompt_len / prefill_seconds, decode_rates[1], decode_rates
+
+
+def run_engine_bench(args: argparse.Namespace) -> int:
+    from cluster.cli import _engine_config
+    from workers.engine import Engine
+
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    config = _engine_config(args)
+    _progress("loading the model")
+    engine = Engine(config.model_copy(update={
+        "max_num_seqs": max(max(concurrency), config.max_num_seqs),
+        "max_num_batched_tokens": max(config.max_num_batched_tokens, args.prompt_len),
+    }))
+    model_config = engine.loaded.config
+    dtype = engine.model.dtype
+    threads = torch.get_num_threads()
+    params_per_token = sum(p.numel() for n, p in engine.model.named_parameters() if "embed_tokens" not in n) \
+        + (model_config.vocab_size * model_config.hidden_size if model_config.tie_word_embeddings else 0)
+    _progress("measuring the matmul roofline")
+    roofline = measure_matmul_roofline(model_config, dtype)
+    vocab = model_config.vocab_size
+
+    _progress("warm-up")
+    bench_ours(engine, _prompts(vocab, 2, args.prompt_len, seed=9), 4)
+    _progress(f"prefill: one {args.prompt_len}-token prompt")
+    prefill_seconds, _ = bench_ours(engine, _prompts(vocab, 1, args.prompt_len, seed=2), 2)
+    aggregate = {}
+    for count in concurrency:
+        _progress(f"decode: {count} concurrent streams x {args.decode_tokens} tokens")
+        bench_ours(engine, _prompts(vocab, count, 16, seed=100 + count), 4)  # warm-up at this batch shape
+        _, aggregate[count] = bench_ours(engine, _prompts(vocab, count, args.prompt_len, seed=3 + count),
+                                         args.decode_tokens)
+    result = EngineBenchResult(
+        model=engine.loaded.path, dtype=str(dtype).removeprefix("torch."), threads=threads,
+        prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+        matmul_roofline_gflops=roofline, roofline_decode_tok_s=roofline * 1e9 / (2 * params_per_token),
+        prefill_tok_s=args.prompt_len / prefill_seconds,
+        single_stream_decode_tok_s=aggregate.get(1) or bench_ours(
+            engine, _prompts(vocab, 1, args.prompt_len, seed=4), args.decode_tokens)[1],
+        aggregate_decode_tok_s=aggregate, peak_rss_mb=_peak_rss_mb(),
+        machine={"cpu": platform.processor() or platform.machine(), "cpus": str(os.cpu_count()),
+                 "torch": torch.__version__},
+    )
+    if not args.skip_baseline:
+        _progress("baseline: transformers generate (same prompts, same dtype)")
+        hf_batches = [1] + ([max(concurrency)] if max(concurrency) > 1 else [])
+        hf_prefill, hf_single, hf_batch = bench_transformers(engine.loaded.path, dtype, args.prompt_len,
+                                                             args.decode_tokens, hf_batches, vocab)
+        result.hf_prefill_tok_s = hf_prefill
+        result.hf_single_stream_decode_tok_s = hf_single
+        result.hf_batch_decode_tok_s = hf_batch
+        result.ratios = {
+            "prefill_vs_hf": result.prefill_tok_s / hf_prefill,
+            "single_stream_vs_hf": result.single_stream_decode_tok_s / hf_single,
+            **{f"aggregate_{c}_vs_hf_single": rate / hf_single for c, rate in aggregate.items()},
+            **{f"aggregate_{c}_vs_hf_batch_{c}": aggregate[c] / hf_batch[c] for c in hf_batch if c in aggregate},
+        }
+    result.ratios["aggregate_max_vs_roofline"] = aggregate[max(concurrency)] / result.roofline_decode_tok_s
+    print(format_table(result))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(asdict(result), f, indent=2)
+        _progress(f"wrote {args.json_out}")
+    return 0
+
+
+def format_table(result: EngineBenchResult) -> str:
+    hf = result.hf_batch_decode_tok_s
+    rows = [("metric", "tierserve", "transformers", "ratio")]
+
+    def row(name: str, ours: float, theirs: float | None) -> None:
+        rows.append((name, f"{ours:.1f}", f"{theirs:.1f}" if theirs else "-",
+                     f"{ours / theirs:.2f}x" if theirs else "-"))
+
+    row(f"prefill tok/s ({result.prompt_len}-token prompt)", result.prefill_tok_s, result.hf_prefill_tok_s)
+    row("decode tok/s, 1 stream", result.single_stream_decode_tok_s, result.hf_single_stream_decode_tok_s)
+    for count, rate in result.aggregate_decode_tok_s.items():
+        if count == 1:
+            continue
+        row(f"decode tok/s, {count} streams (vs HF 1 stream)", rate, result.hf_single_stream_decode_tok_s)
+        if count in hf:
+            row(f"decode tok/s, {count} streams (vs HF batch {count})", rate, hf[count])
+    rows.append(("matmul roofline GFLOP/s (model shapes, M=32)", f"{result.matmul_roofline_gflops:.1f}", "-", "-"))
+    rows.append(("roofline decode tok/s", f"{result.roofline_decode_tok_s:.1f}", "-",
+                 f"{result.ratios.get('aggregate_max_vs_roofline', 0):.0%} reached"))
+    rows.append(("peak RSS MB (engine + baseline)", f"{result.peak_rss_mb:.0f}", "-", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    header = f"tierserve bench engine: {result.model} ({result.dtype}, {result.threads} threads)"
+    return header + "\n" + "\n".join(lines)

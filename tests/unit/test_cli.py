@@ -1,0 +1,57 @@
+"""CLI error paths: clear messages and exit status 2, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+from tests.checkpoints import make_tiny_hf_checkpoint
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+def test_missing_model_file(tmp_path):
+    result = run_cli("run", "hi", "--model", str(tmp_path / "missing.gguf"))
+    assert result.returncode == 2
+    assert "model path not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_model_file(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    result = run_cli("run", "hi", "--model", str(junk))
+    assert result.returncode == 2
+    assert "not a valid GGUF" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unsupported_architecture(tmp_path):
+    model_dir = make_tiny_hf_checkpoint(tmp_path / "gpt2", "unsupported")
+    result = run_cli("run", "hi", "--model", str(model_dir))
+    assert result.returncode == 2
+    assert "unsupported architecture 'GPT2LMHeadModel'" in result.stderr
+
+
+def test_prompt_longer_than_context(tmp_path):
+    model_dir = make_tiny_hf_checkpoint(tmp_path / "llama", "llama")
+    result = run_cli("run", "the " * 400, "--model", str(model_dir), "--max-model-len", "64")
+    assert result.returncode == 2
+    assert "prompt: prompt has" in result.stderr and "context window is 64" in result.stderr
+
+
+def test_bad_sampling_value_names_the_field(tmp_path):
+    model_dir = make_tiny_hf_checkpoint(tmp_path / "llama", "llama")
+    result = run_cli("run", "hi", "--model", str(model_dir), "--top-p", "1.5")
+    assert result.returncode == 2
+    assert "top_p" in result.stderr
+
+
+def test_run_streams_text_on_a_tiny_model(tmp_path):
+    model_dir = make_tiny_hf_checkpoint(tmp_path / "llama", "llama")
+    result = run_cli("run", "the tea", "--model", str(model_dir), "--max-tokens", "8", "--ignore-eos", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    payload = json.loads(result.stdout)
+    assert len(payload["token_ids"]) == 8 and payload["finish_reason"] == "length"

@@ -90,6 +90,24 @@ def test_reference_matches_naive(seq_lens, H, Hkv, D, S):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seq_lens,H,Hkv,D,S", REFERENCE_CASES)
+def test_sdpa_fast_path_matches_naive(seq_lens, H, Hkv, D, S):
+    inputs = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=sum(seq_lens) * 17 + H)
+    scale = D**-0.5
+    out = pa.sdpa_paged_decode_attention(*inputs, scale)
+    torch.testing.assert_close(out.double(), naive_attention(*inputs, scale), atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_fast_path_ignores_finite_garbage():
+    # Precondition of the SDPA path: pages hold finite values (the pool is zero-initialised and only
+    # ever receives model K/V); masked slots then contribute exactly nothing.
+    seq_lens, H, Hkv, D, S = [13, 40, 1], 6, 2, 16, 8
+    clean = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=3, garbage=0.0)
+    dirty = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=3, garbage=1e4)
+    torch.testing.assert_close(pa.sdpa_paged_decode_attention(*dirty, 0.25),
+                               pa.sdpa_paged_decode_attention(*clean, 0.25), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("chunk_blocks", [1, 2, 3])
 def test_reference_chunked_matches_naive(chunk_blocks):
     # Small chunks force the multi-chunk gather path that long sequences take in production.
@@ -159,14 +177,22 @@ def test_triton_missing_raises_clear_error(monkeypatch):
         pa.triton_paged_decode_attention(*inputs, 1.0)
 
 
-def test_dispatcher_uses_reference_on_cpu(monkeypatch):
+def test_dispatcher_uses_torch_paths_on_cpu(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("Triton path taken for CPU tensors")
 
+    taken = []
+    for name in ("sdpa_paged_decode_attention", "reference_paged_decode_attention"):
+        original = getattr(pa, name)
+        monkeypatch.setattr(pa, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
     monkeypatch.setattr(pa, "triton_paged_decode_attention", must_not_run)
-    inputs = make_paged_inputs([10, 33], 9, 3, 64, 16, seed=1)
-    out = pa.paged_decode_attention(*inputs, 0.125)
-    torch.testing.assert_close(out, pa.reference_paged_decode_attention(*inputs, 0.125), atol=0, rtol=0)
+    small = make_paged_inputs([10, 33], 9, 3, 64, 16, seed=1)
+    torch.testing.assert_close(pa.paged_decode_attention(*small, 0.125),
+                               naive_attention(*small, 0.125).float(), atol=1e-5, rtol=1e-5)
+    large = make_paged_inputs([1500, 900], 9, 3, 64, 16, seed=2)
+    torch.testing.assert_close(pa.paged_decode_attention(*large, 0.125),
+                               naive_attention(*large, 0.125).float(), atol=1e-5, rtol=1e-5)
+    assert taken == ["sdpa_paged_decode_attention", "reference_paged_decode_attention"]
 
 
 def test_dispatcher_rejects_bad_shapes():

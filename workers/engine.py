@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class HeldKV:
+    """A prefilled request's KV, kept for a decode replica to pull (prefill role)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int  # tokens whose K/V the blocks hold (the prompt)
+    first_token_id: int
+
+
+@dataclass(frozen=True)
 class KVStats:
     num_blocks: int
     num_used_blocks: int
@@ -70,11 +80,13 @@ class Engine:
         self._bytes_per_block = bytes_per_block
         self._sequences: dict[str, Sequence] = {}
         self._text: dict[str, TextState] = {}
+        self._held: dict[str, tuple[Sequence, HeldKV]] = {}  # prefill role: blocks awaiting export
+        self._importing: dict[str, Sequence] = {}  # decode role: blocks reserved, bytes in flight
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
 
     # ---- requests -------------------------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                      params: SamplingParams | None = None) -> Sequence:
+                      params: SamplingParams | None = None, hold_kv: bool = False) -> Sequence:
         """Validate and tokenize a request (no engine state touched: safe from any thread)."""
         params = params or SamplingParams()
         if not request_id:
@@ -98,11 +110,11 @@ class Engine:
         if not params.is_greedy:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         return Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
-                        arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids, generator=generator)
+                        arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids, generator=generator,
+                        hold_kv=hold_kv)
 
     def add_sequence(self, seq: Sequence) -> None:
-        if seq.request_id in self._sequences:
-            raise InvalidRequestError("request_id", f"request {seq.request_id!r} is already running")
+        self._check_new_id(seq.request_id)
         self._sequences[seq.request_id] = seq
         self._text[seq.request_id] = TextState(self.tokenizer, seq.prompt_token_ids, seq.params)
         self.scheduler.add(seq)
@@ -111,11 +123,58 @@ class Engine:
                     params: SamplingParams | None = None) -> None:
         self.add_sequence(self.make_sequence(request_id, prompt, prompt_token_ids, params))
 
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self._sequences or request_id in self._held or request_id in self._importing:
+            raise InvalidRequestError("request_id", f"request {request_id!r} is already running")
+
     def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request wherever it is: queued, running, held for export or mid-import."""
+        if request_id in self._held or request_id in self._importing:
+            self.release_kv(request_id)
+            return None
         seq = self._sequences.get(request_id)
         if seq is None:
             return None
         return self._finish(seq, FinishReason.ABORT, [], "", [])
+
+    # ---- disaggregation: prefill side ---------------------------------------------------------------
+    def held_kv(self, request_id: str) -> HeldKV | None:
+        entry = self._held.get(request_id)
+        return entry[1] if entry else None
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free a held (prefill) or reserved (decode) request's blocks: after the transfer, or on its timeout."""
+        entry = self._held.pop(request_id, None)
+        seq = entry[0] if entry else self._importing.pop(request_id, None)
+        if seq is None:
+            return False
+        self.kv.free(seq)
+        return True
+
+    # ---- disaggregation: decode side ----------------------------------------------------------------
+    def reserve_import(self, seq: Sequence, first_token_id: int) -> list[int] | None:
+        """Reserve blocks for a prefilled prompt whose KV will be imported; None if the pool is short."""
+        self._check_new_id(seq.request_id)
+        if not self.kv.allocate_slots(seq, seq.num_prompt_tokens):
+            return None
+        seq.output_token_ids.append(first_token_id)
+        if seq.generator is not None:
+            # The prefill replica drew the first token's noise from this seed: skip that draw so a
+            # seeded request continues exactly as it would have in one process.
+            torch.empty(self.loaded.config.vocab_size).exponential_(generator=seq.generator)
+        self._importing[seq.request_id] = seq
+        return list(seq.block_table)
+
+    def commit_import(self, request_id: str) -> RequestOutput:
+        """The KV bytes are in the reserved blocks: join the running batch and emit the first token."""
+        seq = self._importing.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.kv.cache_full_blocks(seq)
+        self._sequences[request_id] = seq
+        self._text[request_id] = TextState(self.tokenizer, seq.prompt_token_ids, seq.params)
+        self.scheduler.add_running(seq)
+        first_token_id = seq.output_token_ids.pop()
+        return self._postprocess(seq, first_token_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -159,7 +218,12 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason, new_token_ids: list[int], text_delta: str,
                 logprobs: list[TokenLogprobs]) -> RequestOutput:
         seq.finish_reason = reason
-        self.scheduler.finish(seq)
+        hold = seq.hold_kv and reason is not FinishReason.ABORT
+        self.scheduler.finish(seq, free_blocks=not hold)
+        if hold:
+            # The blocks hold the prompt's K/V (the sampled token is not computed yet).
+            self._held[seq.request_id] = (seq, HeldKV(seq.request_id, tuple(seq.block_table), seq.num_prompt_tokens,
+                                                      seq.output_token_ids[-1]))
         text_state = self._text.pop(seq.request_id)
         if reason is not FinishReason.STOP or not seq.params.stop:
             text_delta += text_state.finish()

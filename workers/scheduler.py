@@ -90,14 +90,20 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def finish(self, seq: Sequence) -> None:
-        """Release a finished or aborted sequence, wherever it is."""
+    def finish(self, seq: Sequence, free_blocks: bool = True) -> None:
+        """Take a finished or aborted sequence out of the queues; its blocks return unless held for export."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.free(seq)
+        if free_blocks:
+            self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def add_running(self, seq: Sequence) -> None:
+        """Join a sequence whose KV is already in its blocks (imported from a prefill replica)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)

@@ -44,6 +44,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per-request RNG: same seed, same tokens, whatever the batch
+    hold_kv: bool = False  # prefill role: keep the blocks after the first token, for export to a decode tier
 
     @property
     def token_ids(self) -> list[int]:

@@ -107,6 +107,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise SystemExit(f"unknown bench target {args.target!r}")
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cluster.config import ServeConfig
+
+    try:
+        config = ServeConfig.from_yaml(args.file) if args.file else ServeConfig()
+    except ValidationError as exc:
+        print(f"tierserve: invalid config {args.file}:\n{exc}", file=sys.stderr)
+        return 2
+    if args.action == "show":
+        sys.stdout.write(config.to_yaml())
+    else:
+        print(f"{args.file or 'defaults'}: OK ({config.mode}, decode tiers: "
+              f"{', '.join(t.name for t in config.decode_tiers)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierserve", description="Disaggregated LLM serving (see README)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-baseline", action="store_true", help="skip the transformers baseline")
     _add_engine_options(bench)
     bench.set_defaults(func=cmd_bench)
+
+    config = sub.add_parser("config", help="show the effective serve config, or validate a YAML file")
+    config.add_argument("action", choices=["show", "validate"])
+    config.add_argument("file", nargs="?", default=None)
+    config.set_defaults(func=cmd_config)
     return parser
 
 

@@ -55,3 +55,15 @@ def test_run_streams_text_on_a_tiny_model(tmp_path):
 
     payload = json.loads(result.stdout)
     assert len(payload["token_ids"]) == 8 and payload["finish_reason"] == "length"
+
+
+def test_config_show_and_validate(tmp_path):
+    shown = run_cli("config", "show")
+    assert shown.returncode == 0 and "decode_tiers:" in shown.stdout
+    good = tmp_path / "good.yaml"
+    good.write_text(shown.stdout)
+    assert run_cli("config", "validate", str(good)).returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpc_port: 70000\n")
+    result = run_cli("config", "validate", str(bad))
+    assert result.returncode == 2 and "grpc_port" in result.stderr

@@ -1,0 +1,120 @@
+"""ServeConfig: the whole deployment in one validated record (YAML file or CLI flags).
+
+Validated once at the top (pydantic: unknown keys and bad values are errors that name the field);
+deployments receive plain values. Each decode tier has its own replicas / autoscaling and engine
+overrides; the Router picks a tier by the request's hint, else by prompt length rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from workers.config import EngineConfig
+
+
+class UnknownTierError(LookupError):
+    """A request named a decode tier that is not configured (NOT_FOUND on the wire)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling for one deployment (its own; tiers scale apart)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        return self
+
+
+class TierConfig(_Strict):
+    """One deployment: the prefill tier or a decode tier."""
+
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling is not set")
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(0.5, ge=0, description="per replica; fractional so small machines fit (DESIGN §11)")
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica; beyond it requests queue or are refused")
+    min_prompt_tokens: int = Field(0, ge=0, description="decode tiers: prompts at least this long route here")
+    engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig overrides for this tier")
+
+    @model_validator(mode="after")
+    def _engine_overrides_valid(self) -> "TierConfig":
+        unknown = set(self.engine) - set(EngineConfig.model_fields)
+        if unknown:
+            raise ValueError(f"engine: unknown option(s) {sorted(unknown)}")
+        return self
+
+
+def _default_decode_tiers() -> list[TierConfig]:
+    return [TierConfig(name="default"), TierConfig(name="long", min_prompt_tokens=2048)]
+
+
+class ServeConfig(_Strict):
+    model: str | None = Field(None, description="GGUF file or HF directory; None = the default model")
+    mode: Literal["disaggregated", "unified"] = "disaggregated"
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="defaults for every tier")
+    prefill: TierConfig = Field(default_factory=lambda: TierConfig(name="prefill"))
+    decode_tiers: list[TierConfig] = Field(default_factory=_default_decode_tiers, min_length=1)
+    transfer_failure_policy: Literal["recompute", "fail"] = "recompute"
+    transfer_timeout_s: float = Field(10.0, gt=0)
+    max_queued_requests: int = Field(256, ge=1, description="beyond this the Router answers RESOURCE_EXHAUSTED")
+
+    @model_validator(mode="after")
+    def _tiers_consistent(self) -> "ServeConfig":
+        names = [tier.name for tier in self.decode_tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"decode_tiers: tier names must be unique, got {names}")
+        if self.prefill.name in names:
+            raise ValueError(f"decode_tiers: {self.prefill.name!r} is the prefill tier's name")
+        if not any(tier.min_prompt_tokens == 0 for tier in self.decode_tiers):
+            raise ValueError("decode_tiers: one tier must take every prompt length (min_prompt_tokens: 0)")
+        for tier in (self.prefill, *self.decode_tiers):
+            self.engine_config(tier)  # merged engine options must validate too
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ServeConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of options")
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def engine_config(self, tier: TierConfig) -> EngineConfig:
+        """The tier's engine: global engine defaults, the model, then the tier's overrides."""
+        role = "prefill" if tier is self.prefill else ("unified" if self.mode == "unified" else "decode")
+        merged = {**self.engine.model_dump(), "model": self.model or self.engine.model, "role": role, **tier.engine}
+        return EngineConfig.model_validate(merged)
+
+    def tier_for(self, num_prompt_tokens: int, hint: str = "") -> TierConfig:
+        """The decode tier for a request: the hint if given (must exist), else the longest matching rule."""
+        if hint:
+            for tier in self.decode_tiers:
+                if tier.name == hint:
+                    return tier
+            raise UnknownTierError(f"unknown decode tier {hint!r}; configured: "
+                                   f"{', '.join(t.name for t in self.decode_tiers)}")
+        eligible = [t for t in self.decode_tiers if t.min_prompt_tokens <= num_prompt_tokens]
+        return max(eligible, key=lambda t: t.min_prompt_tokens)

@@ -1,0 +1,61 @@
+"""ServeConfig: YAML round trip, validation errors that name the field, tier routing rules."""
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.config import ServeConfig, UnknownTierError
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
+    config = ServeConfig()
+    assert config.mode == "disaggregated" and config.grpc_port == 9000
+    assert [t.name for t in config.decode_tiers] == ["default", "long"]
+    path = tmp_path / "serve.yaml"
+    path.write_text(config.to_yaml())
+    assert ServeConfig.from_yaml(path) == config
+
+
+def test_routing_by_hint_and_prompt_length():
+    config = ServeConfig()
+    assert config.tier_for(10).name == "default"
+    assert config.tier_for(5000).name == "long"
+    assert config.tier_for(10, hint="long").name == "long"
+    with pytest.raises(UnknownTierError, match="unknown decode tier 'huge'"):
+        config.tier_for(10, hint="huge")
+
+
+def test_tier_engine_overrides_merge_and_validate():
+    config = ServeConfig.model_validate({
+        "engine": {"block_size": 32},
+        "decode_tiers": [{"name": "default"}, {"name": "long", "min_prompt_tokens": 100,
+                                               "engine": {"max_num_seqs": 8}}],
+    })
+    long_engine = config.engine_config(config.decode_tiers[1])
+    assert long_engine.block_size == 32 and long_engine.max_num_seqs == 8 and long_engine.role == "decode"
+    assert config.engine_config(config.prefill).role == "prefill"
+    assert ServeConfig(mode="unified").engine_config(ServeConfig().decode_tiers[0]).role == "unified"
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"grpc_port": 0}, "grpc_port"),
+    ({"mode": "sideways"}, "mode"),
+    ({"bogus": 1}, "bogus"),
+    ({"decode_tiers": []}, "decode_tiers"),
+    ({"decode_tiers": [{"name": "a"}, {"name": "a"}]}, "unique"),
+    ({"decode_tiers": [{"name": "a", "min_prompt_tokens": 5}]}, "min_prompt_tokens: 0"),
+    ({"decode_tiers": [{"name": "a", "engine": {"block_size": 3}}]}, "block_size"),
+    ({"decode_tiers": [{"name": "a", "engine": {"nope": 3}}]}, "unknown option"),
+    ({"decode_tiers": [{"name": "a", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]}, "min_replicas"),
+    ({"prefill": {"name": "Bad Name"}}, "prefill.name"),
+])
+def test_bad_config_names_the_field(data, needle):
+    with pytest.raises(ValidationError) as info:
+        ServeConfig.model_validate(data)
+    assert needle in str(info.value)
+
+
+def test_yaml_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="top level must be a mapping"):
+        ServeConfig.from_yaml(path)

@@ -152,28 +152,26 @@ class Engine:
         return True
 
     # ---- disaggregation: decode side ----------------------------------------------------------------
-    def reserve_import(self, seq: Sequence, first_token_id: int) -> list[int] | None:
-        """Reserve blocks for a prefilled prompt whose KV will be imported; None if the pool is short."""
+    def reserve_import(self, seq: Sequence) -> list[int] | None:
+        """Reserve blocks for a prompt whose KV will be imported; None if the pool is short."""
         self._check_new_id(seq.request_id)
         if not self.kv.allocate_slots(seq, seq.num_prompt_tokens):
             return None
-        seq.output_token_ids.append(first_token_id)
+        self._importing[seq.request_id] = seq
+        return list(seq.block_table)
+
+    def commit_import(self, request_id: str, first_token_id: int) -> RequestOutput:
+        """The KV bytes are in the reserved blocks: join the running batch and emit the prefill's first token."""
+        seq = self._importing.pop(request_id)
         if seq.generator is not None:
             # The prefill replica drew the first token's noise from this seed: skip that draw so a
             # seeded request continues exactly as it would have in one process.
             torch.empty(self.loaded.config.vocab_size).exponential_(generator=seq.generator)
-        self._importing[seq.request_id] = seq
-        return list(seq.block_table)
-
-    def commit_import(self, request_id: str) -> RequestOutput:
-        """The KV bytes are in the reserved blocks: join the running batch and emit the first token."""
-        seq = self._importing.pop(request_id)
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.kv.cache_full_blocks(seq)
         self._sequences[request_id] = seq
         self._text[request_id] = TextState(self.tokenizer, seq.prompt_token_ids, seq.params)
         self.scheduler.add_running(seq)
-        first_token_id = seq.output_token_ids.pop()
         return self._postprocess(seq, first_token_id, None)
 
     def has_unfinished(self) -> bool:

@@ -29,11 +29,11 @@ def disaggregated(prefill, decode, request_id: str, prompt: list[int], params: S
     held = prefill.held_kv(request_id)
     assert held.num_tokens == len(prompt)
     seq = decode.make_sequence(request_id, prompt_token_ids=prompt, params=params)
-    block_ids = decode.reserve_import(seq, held.first_token_id)
+    block_ids = decode.reserve_import(seq)
     assert len(block_ids) == len(held.block_ids)
     unpack_blocks(pack_blocks(prefill.kv_pages, list(held.block_ids)), decode.kv_pages, block_ids)
     assert prefill.release_kv(request_id)
-    output = decode.commit_import(request_id)
+    output = decode.commit_import(request_id, held.first_token_id)
     result.tokens.extend(output.new_token_ids)
     while not output.finished:
         for output in decode.step():  # the decode engine serves only this request here
@@ -80,7 +80,7 @@ def test_abort_and_failed_import_free_blocks_on_both_sides(tiny_loaded):
         prefill.step()
     assert prefill.pool.num_used_blocks > 0
     seq = decode.make_sequence("x", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4, temperature=0))
-    assert decode.reserve_import(seq, prefill.held_kv("x").first_token_id)
+    assert decode.reserve_import(seq)
     # Transfer failed: the decode side gives its reservation back, the prefill side times out its hold.
     assert decode.abort("x") is None and prefill.abort("x") is None
     assert_no_blocks_held(prefill)
@@ -90,9 +90,9 @@ def test_abort_and_failed_import_free_blocks_on_both_sides(tiny_loaded):
 def test_reserve_import_reports_a_short_pool(tiny_loaded):
     decode = make_engine(tiny_loaded, num_kv_blocks=4)  # 16 tokens of room
     seq = decode.make_sequence("big", prompt_token_ids=[5] * 15, params=SamplingParams(max_tokens=1))
-    assert decode.reserve_import(seq, 7) is not None
+    assert decode.reserve_import(seq) is not None
     other = decode.make_sequence("more", prompt_token_ids=[5] * 8, params=SamplingParams(max_tokens=1))
-    assert decode.reserve_import(other, 7) is None  # caller backs off or recomputes; nothing leaked
+    assert decode.reserve_import(other) is None  # caller backs off or recomputes; nothing leaked
     decode.release_kv("big")
     assert_no_blocks_held(decode)
 

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from workers.engine import Engine
 from workers.outputs import RequestOutput
@@ -38,6 +38,30 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _Rejected:
+    """The loop refused a request before admitting it (e.g. duplicate id)."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Run fn(engine) on the loop thread (engine state has one owner) and resolve the future."""
+
+    fn: Callable[[Engine], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(frozen=True)
+class _Commit:
+    request_id: str
+    first_token_id: int
+    stream: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -48,17 +72,43 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                       params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams | None = None, hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs until the request finishes. Closing the iterator early aborts the request."""
-        if self._error is not None:
-            raise EngineDeadError(f"engine loop died: {self._error!r}")
-        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params)  # raises on bad input
+        self._check_alive()
+        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, hold_kv)  # raises on bad input
         stream: asyncio.Queue = asyncio.Queue()
         self._inbox.put(_Add(seq, stream, asyncio.get_running_loop()))
+        async for output in self._drain(request_id, stream):
+            yield output
+
+    async def stream_imported(self, request_id: str, first_token_id: int) -> AsyncIterator[RequestOutput]:
+        """Start decoding a request whose KV was imported into blocks from reserve_import."""
+        self._check_alive()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._inbox.put(_Commit(request_id, first_token_id, stream, asyncio.get_running_loop()))
+        async for output in self._drain(request_id, stream):
+            yield output
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) between steps on the loop thread; returns its result (or raises its error)."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(_Call(fn, future, loop))
+        return await future
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"engine loop died: {self._error!r}")
+
+    async def _drain(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
                 item = await stream.get()
+                if isinstance(item, _Rejected):
+                    finished = True  # never admitted: there is nothing to abort (the id may be someone else's)
+                    raise item.error
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -101,15 +151,31 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._error = exc
             for add in list(self._streams.values()):
-                add.loop.call_soon_threadsafe(add.stream.put_nowait, EngineDeadError(f"engine loop died: {exc!r}"))
+                _put(add.loop, add.stream, EngineDeadError(f"engine loop died: {exc!r}"))
             self._streams.clear()
 
-    def _apply(self, command: _Add | _Abort) -> None:
-        if isinstance(command, _Add):
+    def _apply(self, command: _Add | _Abort | _Call | _Commit) -> None:
+        if isinstance(command, _Call):
+            try:
+                result = command.fn(self.engine)
+            except Exception as exc:  # the caller's error, not the loop's
+                _call_soon(command.loop, _resolve, command.future, None, exc)
+            else:
+                _call_soon(command.loop, _resolve, command.future, result, None)
+        elif isinstance(command, _Commit):
+            self._streams[command.request_id] = command
+            try:
+                output = self.engine.commit_import(command.request_id, command.first_token_id)
+            except Exception as exc:
+                del self._streams[command.request_id]
+                _put(command.loop, command.stream, _Rejected(exc))
+                return
+            self._deliver(output)
+        elif isinstance(command, _Add):
             try:
                 self.engine.add_sequence(command.seq)
             except Exception as exc:  # duplicate request id and the like: tell that caller only
-                command.loop.call_soon_threadsafe(command.stream.put_nowait, exc)
+                _put(command.loop, command.stream, _Rejected(exc))
                 return
             self._streams[command.seq.request_id] = command
         else:
@@ -123,4 +189,29 @@ class AsyncEngine:
             return
         if output.finished:
             del self._streams[output.request_id]
-        add.loop.call_soon_threadsafe(add.stream.put_nowait, output)
+        if not _put(add.loop, add.stream, output) and not output.finished:
+            # The caller's event loop is gone (client vanished without closing its stream): free the request.
+            del self._streams[output.request_id]
+            self.engine.abort(output.request_id)
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> bool:
+    """Schedule fn on the caller's loop; False if that loop has closed (its caller is gone)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _put(loop: asyncio.AbstractEventLoop, stream: asyncio.Queue, item: Any) -> bool:
+    return _call_soon(loop, stream.put_nowait, item)

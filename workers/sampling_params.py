@@ -12,6 +12,10 @@ class InvalidRequestError(ValueError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.message = message
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact, field included
+        return (type(self), (self.field, self.message))
 
 
 MAX_LOGPROBS = 20

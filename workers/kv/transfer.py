@@ -14,6 +14,7 @@ caller falls back (recompute), it never hangs.
 from __future__ import annotations
 
 import datetime
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,8 @@ import torch.distributed as dist
 
 from workers.kv.codecs import LayerPages
 
-SENDER_RANK = 0
-RECEIVER_RANK = 1
+SERVER_RANK = 0  # the side whose TCPStore hosts the pair's rendezvous
+CLIENT_RANK = 1
 
 
 class KVTransferError(RuntimeError):
@@ -67,7 +68,8 @@ def unpack_blocks(buffer: torch.Tensor, pages: list[LayerPages], block_ids: list
 
 
 class KVTransport:
-    """One per replica. A prefill replica serves groups (rank 0); a decode replica joins them (rank 1)."""
+    """One per replica. Either side may serve a pair's group (rank 0, on its own store) or join one
+    (rank 1, on the peer's store); send/recv always address the other rank. Groups are cached per pair."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0):
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -76,23 +78,54 @@ class KVTransport:
         self.endpoint = PeerEndpoint(host, self._store.port)
         self._groups: dict[tuple[str, str], dist.ProcessGroup] = {}
         self._client_stores: dict[PeerEndpoint, dist.TCPStore] = {}
+        # Group construction is a rendezvous: two threads must never build the same pair twice.
+        self._lock = threading.Lock()
 
     def serve_group(self, pair_id: str, backend: str = "gloo") -> dist.ProcessGroup:
-        """The sender's side of the pair's group (blocks until the receiver joins or the timeout passes)."""
-        return self._group(("serve", pair_id), self._store, pair_id, SENDER_RANK, backend)
+        """This side's store hosts the pair (blocks until the peer joins or the timeout passes)."""
+        return self._group(("serve", pair_id), self._store, pair_id, SERVER_RANK, backend)
 
     def join_group(self, peer: PeerEndpoint, pair_id: str, backend: str = "gloo") -> dist.ProcessGroup:
-        """The receiver's side: connect to the sender's store and join the pair's group."""
-        store = self._client_stores.get(peer)
-        if store is None:
-            try:
-                store = dist.TCPStore(peer.host, peer.port, is_master=False, timeout=self.timeout, use_libuv=True)
-            except Exception as exc:  # connection refused / timeout
-                raise KVTransferError(f"cannot reach KV peer {peer.host}:{peer.port}: {exc}") from exc
-            self._client_stores[peer] = store
-        return self._group(("join", f"{peer.host}:{peer.port}/{pair_id}"), store, pair_id, RECEIVER_RANK, backend)
+        """Connect to the peer's store and join the pair's group."""
+        return self._group(("join", f"{peer.host}:{peer.port}/{pair_id}"), self._peer_store(peer), pair_id,
+                           CLIENT_RANK, backend)
+
+    def announce(self, peer: PeerEndpoint, key: str, value: str) -> None:
+        """Leave a message in the peer's store (e.g. which replica is about to join for a request)."""
+        self._peer_store(peer).set(key, value)
+
+    def await_announcement(self, key: str) -> str:
+        """Wait (bounded by the timeout) for a peer to announce `key` in this side's store."""
+        try:
+            value = self._store.get(key).decode()
+        except Exception as exc:
+            raise KVTransferError(f"no peer announced {key!r} within {self.timeout}: {exc}") from exc
+        self._store.delete_key(key)
+        return value
+
+    def forget_pair(self, pair_id: str) -> None:
+        """Drop a broken pair's cached group (its peer died or timed out); the next use rebuilds it."""
+        with self._lock:
+            for key in [k for k in self._groups if k[1].endswith(pair_id)]:
+                del self._groups[key]
+
+    def _peer_store(self, peer: PeerEndpoint) -> dist.TCPStore:
+        with self._lock:
+            store = self._client_stores.get(peer)
+            if store is None:
+                try:
+                    store = dist.TCPStore(peer.host, peer.port, is_master=False, timeout=self.timeout,
+                                          use_libuv=True)
+                except Exception as exc:  # connection refused / timeout
+                    raise KVTransferError(f"cannot reach KV peer {peer.host}:{peer.port}: {exc}") from exc
+                self._client_stores[peer] = store
+            return store
 
     def _group(self, key, store, pair_id: str, rank: int, backend: str) -> dist.ProcessGroup:
+        with self._lock:
+            return self._group_locked(key, store, pair_id, rank, backend)
+
+    def _group_locked(self, key, store, pair_id: str, rank: int, backend: str) -> dist.ProcessGroup:
         group = self._groups.get(key)
         if group is None:
             prefixed = dist.PrefixStore(f"kv-pair/{pair_id}/", store)
@@ -107,10 +140,10 @@ class KVTransport:
         return group
 
     def send(self, group: dist.ProcessGroup, pages: list[LayerPages], block_ids: list[int], tag: int = 0) -> int:
-        """Send the blocks' encoded bytes to the receiver; returns bytes sent."""
+        """Send the blocks' encoded bytes to the other rank; returns bytes sent."""
         buffer = pack_blocks(pages, block_ids)
         try:
-            group.send([buffer], RECEIVER_RANK, tag).wait(self.timeout)
+            group.send([buffer], 1 - group.rank(), tag).wait(self.timeout)
         except Exception as exc:
             raise KVTransferError(f"KV send failed: {exc}") from exc
         return buffer.numel()
@@ -119,7 +152,7 @@ class KVTransport:
         """Receive into the reserved blocks; returns bytes received."""
         buffer = torch.empty(len(block_ids) * block_nbytes(pages), dtype=torch.uint8, device=pages[0].key.device)
         try:
-            group.recv([buffer], SENDER_RANK, tag).wait(self.timeout)
+            group.recv([buffer], 1 - group.rank(), tag).wait(self.timeout)
         except Exception as exc:
             raise KVTransferError(f"KV receive failed: {exc}") from exc
         unpack_blocks(buffer, pages, block_ids)

@@ -35,6 +35,17 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
+def load_model_info(path: str | None) -> tuple[ModelConfig, Tokenizer, str]:
+    """Architecture and tokenizer only (no weights): what an ingress needs to validate and tokenize."""
+    path = path or default_model_path()
+    if os.path.isdir(path):
+        return hf_loader.read_hf_config(path), Tokenizer.from_hf_dir(path), str(path)
+    reader = gguf_loader.open_gguf(path)
+    metadata = gguf_loader.read_metadata(reader)
+    config = gguf_loader.model_config_from_gguf(metadata, {t.name for t in reader.tensors})
+    return config, Tokenizer.from_gguf_metadata(metadata), str(path)
+
+
 def load_model(path: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     path = path or default_model_path()
     device = torch.device(device)

@@ -1,0 +1,63 @@
+"""Typed records that cross deployments (pickled by Ray). Each carries only what the other side needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.kv.transfer import PeerEndpoint
+from workers.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """Router -> DecodeServer: a validated, tokenized request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What both tiers must agree on before a single byte moves (checked at the handshake)."""
+
+    codec: str
+    block_size: int
+    block_nbytes: int
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """DecodeServer -> PrefillServer: prefill this prompt and push its encoded blocks to me."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    decode_endpoint: PeerEndpoint
+    decode_replica: str
+    layout: KVLayout
+    num_blocks: int  # blocks the decode side reserved
+    tag: int  # message tag on the pair's group (several transfers may share one group)
+
+
+@dataclass(frozen=True)
+class KVTicket:
+    """PrefillServer -> DecodeServer, after the bytes were sent."""
+
+    request_id: str
+    first_token_id: int
+    num_tokens: int
+    num_blocks: int
+    nbytes: int
+    num_cached_tokens: int  # prefix-cache hit on the prefill tier
+    prefill_replica: str
+    seconds: float  # prefill + transfer, on the prefill replica
+
+
+class CodecMismatchError(ValueError):
+    """Prefill and decode tiers store KV differently: refused at the handshake, before any transfer."""
+
+
+class TransferFailedError(RuntimeError):
+    """The KV handoff failed and the policy is `fail` (with `recompute`, decode computes the prefill)."""

@@ -1,0 +1,171 @@
+"""Router: the gRPC ingress (methods named as in protos/inference.proto's Inference service).
+
+Validates and tokenizes, picks a decode tier (hint, else prompt-length rules), streams tokens back,
+maps errors to gRPC status codes: bad input INVALID_ARGUMENT naming the field, unknown model/tier
+NOT_FOUND, overload RESOURCE_EXHAUSTED, a failed handoff under policy `fail` UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import AsyncIterator
+
+import grpc
+
+from cluster.config import ServeConfig, UnknownTierError
+from cluster.convert import chat_messages, response_from_output, sampling_params_from_proto
+from cluster.records import DecodeRequest, TransferFailedError
+from protos import inference_pb2 as pb
+from workers.model.loader import load_model_info
+from workers.sampling_params import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+class Router:
+    def __init__(self, config: ServeConfig, decode_handles: list):
+        self.config = config
+        self.model_config, self.tokenizer, path = load_model_info(config.model or config.engine.model)
+        self.model_id = os.path.basename(path.rstrip("/"))
+        engine_config = config.engine_config(config.decode_tiers[0])
+        self.max_model_len = min(engine_config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.decode = {tier.name: handle for tier, handle in zip(config.decode_tiers, decode_handles)}
+        self.in_flight = 0
+
+    # ---- RPCs ---------------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        decode_request, tier = self._admit(request, grpc_context)
+        started = time.perf_counter()
+        first_token_at = None
+        try:
+            stream = self.decode[tier].options(stream=True).generate.remote(decode_request)
+            async for output in stream:
+                now = time.perf_counter()
+                if first_token_at is None and output.new_token_ids:
+                    first_token_at = now
+                yield response_from_output(output, tier, (first_token_at or now) - started, now - started)
+        except Exception as exc:
+            _set_status_for(exc, grpc_context)
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def Complete(self, request: pb.GenerateRequest, grpc_context=None) -> pb.CompleteResponse:
+        response = pb.CompleteResponse()
+        text = []
+        async for chunk in self.Generate(request, grpc_context):
+            response.request_id = chunk.request_id
+            response.token_ids.extend(chunk.token_ids)
+            response.logprobs.extend(chunk.logprobs)
+            text.append(chunk.text)
+            response.finish_reason = chunk.finish_reason
+            response.usage.CopyFrom(chunk.usage)
+            response.timing.CopyFrom(chunk.timing)
+            response.tier = chunk.tier
+        response.text = "".join(text)
+        return response
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        try:
+            self._check_model(request.model)
+            kind = request.WhichOneof("input")
+            if kind == "chat":
+                text = self.tokenizer.apply_chat_template(chat_messages(request.chat), add_generation_prompt=True)
+            elif kind == "prompt" and request.prompt:
+                text = request.prompt
+            else:
+                raise InvalidRequestError("prompt", "give a non-empty prompt or chat messages")
+        except Exception as exc:
+            _set_status_for(exc, grpc_context)
+            raise
+        token_ids = self.tokenizer.encode(text)
+        return pb.TokenizeResponse(token_ids=token_ids, tokens=[self.tokenizer.id_to_token(t) or "" for t in token_ids])
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[pb.ModelInfo(
+            id=self.model_id, max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
+            tiers=list(self.decode))])
+
+    async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING, detail=f"{self.in_flight} requests in flight")
+
+    # ---- admission ----------------------------------------------------------------------------------
+    def _admit(self, request: pb.GenerateRequest, grpc_context) -> tuple[DecodeRequest, str]:
+        try:
+            if self.in_flight >= self.config.max_queued_requests:
+                raise OverloadedError(f"{self.in_flight} requests in flight (max_queued_requests="
+                                      f"{self.config.max_queued_requests}); retry later")
+            self._check_model(request.model)
+            prompt_token_ids = self._prompt_token_ids(request)
+            params = sampling_params_from_proto(request.sampling)
+            tier = self.config.tier_for(len(prompt_token_ids), request.tier).name
+        except Exception as exc:
+            _set_status_for(exc, grpc_context)
+            raise
+        self.in_flight += 1
+        request_id = request.request_id or uuid.uuid4().hex
+        return DecodeRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params), tier
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.model_id:
+            raise ModelNotFoundError(f"model {model!r} is not served here; ListModels gives {self.model_id!r}")
+
+    def _prompt_token_ids(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "prompt":
+            if not request.prompt:
+                raise InvalidRequestError("prompt", "must be a non-empty string")
+            token_ids = self.tokenizer.encode(request.prompt)
+        elif kind == "chat":
+            text = self.tokenizer.apply_chat_template(chat_messages(request.chat), add_generation_prompt=True)
+            token_ids = self.tokenizer.encode(text)
+        elif kind == "token_ids":
+            token_ids = list(request.token_ids.ids)
+            if not token_ids:
+                raise InvalidRequestError("token_ids", "must not be empty")
+            vocab_size = self.model_config.vocab_size
+            bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError("token_ids", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        else:
+            raise InvalidRequestError("input", "give one of prompt, chat or token_ids")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError("prompt", f"prompt has {len(token_ids)} tokens; the context window is "
+                                                f"{self.max_model_len} (prompt + at least one generated token)")
+        return token_ids
+
+
+class OverloadedError(RuntimeError):
+    pass
+
+
+class ModelNotFoundError(LookupError):
+    pass
+
+
+def _status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, InvalidRequestError) or isinstance(exc, ValueError) and "messages[" in str(exc):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, (UnknownTierError, ModelNotFoundError)):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, TransferFailedError):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, ValueError):  # e.g. a chat template error raised by the template itself
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def _set_status_for(exc: BaseException, grpc_context) -> None:
+    if grpc_context is None:
+        return
+    code = _status_for(exc)
+    grpc_context.set_code(code)
+    grpc_context.set_details(str(exc))
+    if code is grpc.StatusCode.INTERNAL:
+        logger.exception("internal error", exc_info=exc)

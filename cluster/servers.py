@@ -1,0 +1,188 @@
+"""PrefillServer and DecodeServer: an AsyncEngine per replica, plus the KV handoff between them.
+
+Handoff (disaggregated mode), driven by the decode replica:
+  1. reserve blocks for the prompt (else: the pool is short, so compute the prefill locally);
+  2. ask the prefill tier (any replica) to prefill and push the encoded blocks to this replica's
+     KVTransport endpoint; the prefill replica announces itself in our store, both sides meet in the
+     pair's cached gloo/NCCL group, and the bytes land straight in the reserved pages;
+  3. commit: the sequence joins the running batch with the prefill's first token.
+On any failure or timeout the reservation is released; policy `recompute` prefills locally, `fail`
+raises TransferFailedError. The prefill replica always releases its held blocks (after send or error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import AsyncIterator
+
+import torch
+
+from cluster.config import ServeConfig, TierConfig
+from cluster.records import (CodecMismatchError, DecodeRequest, KVLayout, KVTicket, PrefillRequest,
+                             TransferFailedError)
+from workers.async_engine import AsyncEngine
+from workers.engine import Engine
+from workers.kv.transfer import KVTransferError, KVTransport, block_nbytes
+from workers.outputs import RequestOutput
+from workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    return serve.get_replica_context().replica_id.unique_id
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _threads_for(tier: TierConfig) -> int:
+    # Replicas share the machine: each uses as many torch threads as CPUs it reserved (at least 1).
+    return max(1, int(tier.num_cpus))
+
+
+class EngineServer:
+    """Shared by both tiers: one engine (AsyncEngine loop thread) and one KV transport per replica."""
+
+    def __init__(self, config: ServeConfig, tier: TierConfig, with_transport: bool):
+        engine_config = config.engine_config(tier)
+        if engine_config.num_threads is None:
+            engine_config = engine_config.model_copy(update={"num_threads": _threads_for(tier)})
+        torch.set_num_threads(engine_config.num_threads)
+        self.config = config
+        self.tier = tier
+        self.engine = AsyncEngine(Engine(engine_config))
+        self.replica_id = _replica_id()
+        self.transport = KVTransport(host=_node_ip(), timeout_s=config.transfer_timeout_s) if with_transport else None
+        pages = self.engine.engine.kv_pages
+        self.layout = KVLayout(codec=self.engine.engine.codec.name, block_size=self.engine.engine.block_size,
+                               block_nbytes=block_nbytes(pages), num_layers=len(pages))
+
+    async def kv_stats(self) -> dict[str, int]:
+        engine = self.engine.engine
+        return {"num_blocks": engine.pool.num_blocks, "num_used_blocks": engine.pool.num_used_blocks,
+                "num_requests": engine.num_requests}
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive:
+            raise RuntimeError("engine loop is not running")
+
+
+class PrefillServer(EngineServer):
+    def __init__(self, config: ServeConfig):
+        super().__init__(config, config.prefill, with_transport=True)
+
+    async def prefill(self, request: PrefillRequest) -> KVTicket:
+        started = time.perf_counter()
+        if request.layout != self.layout:
+            raise CodecMismatchError(
+                f"KV layout mismatch: decode tier has {request.layout}, prefill tier has {self.layout}; "
+                "configure the same kv_codec and block_size on both tiers")
+        params = SamplingParams(**{**request.params.__dict__, "max_tokens": 1})
+        first = None
+        async for output in self.engine.generate(request.request_id, prompt_token_ids=request.prompt_token_ids,
+                                                 params=params, hold_kv=True):
+            first = output
+        held = await self.engine.call(lambda engine: engine.held_kv(request.request_id))
+        if held is None:
+            raise KVTransferError(f"request {request.request_id!r} ended before its KV could be held")
+        try:
+            if len(held.block_ids) != request.num_blocks:
+                raise KVTransferError(f"decode reserved {request.num_blocks} blocks, prefill holds "
+                                      f"{len(held.block_ids)}")
+            nbytes = await asyncio.to_thread(self._send, request, list(held.block_ids))
+        finally:
+            await self.engine.call(lambda engine: engine.release_kv(request.request_id))
+        return KVTicket(request_id=request.request_id, first_token_id=held.first_token_id,
+                        num_tokens=held.num_tokens, num_blocks=len(held.block_ids), nbytes=nbytes,
+                        num_cached_tokens=first.num_cached_tokens if first else 0, prefill_replica=self.replica_id,
+                        seconds=time.perf_counter() - started)
+
+    def _send(self, request: PrefillRequest, block_ids: list[int]) -> int:
+        pair_id = f"{request.decode_replica}<-{self.replica_id}"
+        self.transport.announce(request.decode_endpoint, f"kv/{request.request_id}", self.replica_id)
+        try:
+            group = self.transport.join_group(request.decode_endpoint, pair_id)
+            return self.transport.send(group, self.engine.engine.kv_pages, block_ids, request.tag)
+        except KVTransferError:
+            self.transport.forget_pair(pair_id)
+            raise
+
+
+class DecodeServer(EngineServer):
+    def __init__(self, config: ServeConfig, tier_name: str, prefill=None):
+        tier = next(t for t in config.decode_tiers if t.name == tier_name)
+        super().__init__(config, tier, with_transport=prefill is not None)
+        self.prefill = prefill
+        self._tags = itertools.count(1)
+        self.num_transfers = 0
+        self.num_transfer_failures = 0
+        self.transfer_bytes = 0
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
+        engine = self.engine
+        seq = engine.engine.make_sequence(request.request_id, prompt_token_ids=request.prompt_token_ids,
+                                          params=request.params)  # InvalidRequestError before any work
+        stream = None
+        if self.prefill is not None:
+            stream = await self._handoff(seq, request)
+        if stream is None:
+            stream = engine.generate(request.request_id, prompt_token_ids=request.prompt_token_ids,
+                                     params=request.params)
+        async for output in stream:
+            yield output
+
+    async def transfer_stats(self) -> dict[str, int]:
+        return {"transfers": self.num_transfers, "failures": self.num_transfer_failures, "bytes": self.transfer_bytes}
+
+    async def _handoff(self, seq, request: DecodeRequest):
+        """Import the prompt's KV from the prefill tier; None means: prefill locally (recompute)."""
+        request_id = request.request_id
+        block_ids = await self.engine.call(lambda engine: engine.reserve_import(seq))
+        if block_ids is None:
+            return None  # our pool is short right now: the scheduler will queue a local prefill
+        tag = next(self._tags)
+        receive = asyncio.ensure_future(asyncio.to_thread(self._receive, request_id, block_ids, tag))
+        try:
+            ticket: KVTicket = await asyncio.wait_for(
+                self.prefill.prefill.remote(PrefillRequest(
+                    request_id=request_id, prompt_token_ids=request.prompt_token_ids, params=request.params,
+                    decode_endpoint=self.transport.endpoint, decode_replica=self.replica_id, layout=self.layout,
+                    num_blocks=len(block_ids), tag=tag)),
+                timeout=self.config.transfer_timeout_s * 2)
+            nbytes = await asyncio.wait_for(receive, timeout=self.config.transfer_timeout_s)
+        except CodecMismatchError:
+            receive.cancel()
+            await self.engine.call(lambda engine: engine.release_kv(request_id))
+            raise
+        except Exception as exc:  # prefill died, transfer failed or timed out
+            receive.cancel()
+            await self.engine.call(lambda engine: engine.release_kv(request_id))
+            self.num_transfer_failures += 1
+            logger.warning("KV handoff for %s failed (%r); policy=%s", request_id, exc,
+                           self.config.transfer_failure_policy)
+            if self.config.transfer_failure_policy == "fail":
+                raise TransferFailedError(f"KV transfer failed for request {request_id}: {exc}") from exc
+            return None
+        self.num_transfers += 1
+        self.transfer_bytes += nbytes
+        seq.num_cached_tokens = ticket.num_cached_tokens  # the prefix hit happened on the prefill tier
+        return self.engine.stream_imported(request_id, ticket.first_token_id)
+
+    def _receive(self, request_id: str, block_ids: list[int], tag: int) -> int:
+        prefill_replica = self.transport.await_announcement(f"kv/{request_id}")
+        pair_id = f"{self.replica_id}<-{prefill_replica}"
+        try:
+            group = self.transport.serve_group(pair_id)
+            return self.transport.recv(group, self.engine.engine.kv_pages, block_ids, tag)
+        except KVTransferError:
+            self.transport.forget_pair(pair_id)
+            raise

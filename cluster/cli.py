@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(bench)
     bench.set_defaults(func=cmd_bench)
 
+    from cluster.serve_cmd import add_parsers
+
+    add_parsers(sub)
+
     config = sub.add_parser("config", help="show the effective serve config, or validate a YAML file")
     config.add_argument("action", choices=["show", "validate"])
     config.add_argument("file", nargs="?", default=None)

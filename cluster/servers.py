@@ -79,6 +79,9 @@ class EngineServer:
 class PrefillServer(EngineServer):
     def __init__(self, config: ServeConfig):
         super().__init__(config, config.prefill, with_transport=True)
+        # A pair's group is cached on both sides; after a failure this side moves to a new epoch, so
+        # both sides build a fresh group under a fresh store prefix (never a half-broken old one).
+        self._epochs: dict[str, int] = {}
 
     async def prefill(self, request: PrefillRequest) -> KVTicket:
         started = time.perf_counter()
@@ -107,13 +110,16 @@ class PrefillServer(EngineServer):
                         seconds=time.perf_counter() - started)
 
     def _send(self, request: PrefillRequest, block_ids: list[int]) -> int:
-        pair_id = f"{request.decode_replica}<-{self.replica_id}"
-        self.transport.announce(request.decode_endpoint, f"kv/{request.request_id}", self.replica_id)
+        epoch = self._epochs.setdefault(request.decode_replica, 0)
+        sender = f"{self.replica_id}#{epoch}"
+        pair_id = f"{request.decode_replica}<-{sender}"
+        self.transport.announce(request.decode_endpoint, f"kv/{request.request_id}", sender)
         try:
             group = self.transport.join_group(request.decode_endpoint, pair_id)
             return self.transport.send(group, self.engine.engine.kv_pages, block_ids, request.tag)
         except KVTransferError:
             self.transport.forget_pair(pair_id)
+            self._epochs[request.decode_replica] = epoch + 1
             raise
 
 
@@ -126,6 +132,11 @@ class DecodeServer(EngineServer):
         self.num_transfers = 0
         self.num_transfer_failures = 0
         self.transfer_bytes = 0
+        self._injected_transfer_failures = 0
+
+    async def inject_transfer_failures(self, count: int) -> None:
+        """Chaos hook (operators and tests): fail the next `count` KV receives as a dead peer would."""
+        self._injected_transfer_failures = count
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
         engine = self.engine
@@ -151,21 +162,27 @@ class DecodeServer(EngineServer):
             return None  # our pool is short right now: the scheduler will queue a local prefill
         tag = next(self._tags)
         receive = asyncio.ensure_future(asyncio.to_thread(self._receive, request_id, block_ids, tag))
+        prefill_response = self.prefill.prefill.remote(PrefillRequest(
+            request_id=request_id, prompt_token_ids=request.prompt_token_ids, params=request.params,
+            decode_endpoint=self.transport.endpoint, decode_replica=self.replica_id, layout=self.layout,
+            num_blocks=len(block_ids), tag=tag))
+        prefill_call = asyncio.ensure_future(_await(prefill_response))
         try:
-            ticket: KVTicket = await asyncio.wait_for(
-                self.prefill.prefill.remote(PrefillRequest(
-                    request_id=request_id, prompt_token_ids=request.prompt_token_ids, params=request.params,
-                    decode_endpoint=self.transport.endpoint, decode_replica=self.replica_id, layout=self.layout,
-                    num_blocks=len(block_ids), tag=tag)),
-                timeout=self.config.transfer_timeout_s * 2)
-            nbytes = await asyncio.wait_for(receive, timeout=self.config.transfer_timeout_s)
-        except CodecMismatchError:
+            # Either side failing ends the handoff at once (no waiting out the other side's timeout).
+            done, _ = await asyncio.wait({receive, prefill_call}, timeout=self.config.transfer_timeout_s * 2,
+                                         return_when=asyncio.FIRST_EXCEPTION)
+            if len(done) < 2:
+                for task in done:
+                    task.result()  # raises the first failure
+                raise asyncio.TimeoutError(f"KV handoff exceeded {self.config.transfer_timeout_s * 2:.0f}s")
+            ticket: KVTicket = prefill_call.result()
+            nbytes = receive.result()
+        except Exception as exc:  # prefill died, transfer failed or timed out, or the codecs differ
+            prefill_response.cancel()
             receive.cancel()
             await self.engine.call(lambda engine: engine.release_kv(request_id))
-            raise
-        except Exception as exc:  # prefill died, transfer failed or timed out
-            receive.cancel()
-            await self.engine.call(lambda engine: engine.release_kv(request_id))
+            if isinstance(exc, CodecMismatchError):
+                raise
             self.num_transfer_failures += 1
             logger.warning("KV handoff for %s failed (%r); policy=%s", request_id, exc,
                            self.config.transfer_failure_policy)
@@ -178,11 +195,18 @@ class DecodeServer(EngineServer):
         return self.engine.stream_imported(request_id, ticket.first_token_id)
 
     def _receive(self, request_id: str, block_ids: list[int], tag: int) -> int:
-        prefill_replica = self.transport.await_announcement(f"kv/{request_id}")
-        pair_id = f"{self.replica_id}<-{prefill_replica}"
+        sender = self.transport.await_announcement(f"kv/{request_id}")  # "<prefill replica>#<epoch>"
+        if self._injected_transfer_failures > 0:
+            self._injected_transfer_failures -= 1
+            raise KVTransferError(f"injected transfer failure for {request_id}")
+        pair_id = f"{self.replica_id}<-{sender}"
         try:
             group = self.transport.serve_group(pair_id)
             return self.transport.recv(group, self.engine.engine.kv_pages, block_ids, tag)
         except KVTransferError:
             self.transport.forget_pair(pair_id)
             raise
+
+
+async def _await(response):
+    return await response

@@ -1,0 +1,215 @@
+"""Real local Ray cluster + real gRPC on a real port: disaggregated == unified == in-process engine.
+
+Two applications run side by side on one embedded Ray: `disagg` (prefill tier + decode tier, KV over
+a pairwise gloo group) and `unified` (one tier does both). Replicas ask fractional CPUs (2-core CI).
+"""
+
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+TIER = {"num_cpus": 0.25}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from cluster.app import GRPC_SERVICER, build_app
+    from cluster.config import ServeConfig
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
+                http_options=HTTPOptions(port=free_port()))
+    common = {"engine": {"num_kv_blocks": 256, "max_num_seqs": 48}, "transfer_timeout_s": 5,
+              "prefill": {"name": "prefill", **TIER}}
+    configs = {
+        "disagg": ServeConfig.model_validate({**common, "mode": "disaggregated", "decode_tiers": [
+            {"name": "default", **TIER}, {"name": "long", "min_prompt_tokens": 400, **TIER}]}),
+        "unified": ServeConfig.model_validate({**common, "mode": "unified", "decode_tiers": [{"name": "default", **TIER}]}),
+    }
+    for name, config in configs.items():
+        serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield pb_grpc.InferenceStub(channel), serve
+    channel.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def call(stub, app: str, request: pb.GenerateRequest, **kwargs):
+    return stub.Complete(request, metadata=(("application", app),), timeout=120, **kwargs)
+
+
+def greedy(prompt: str, max_tokens: int = 24, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                         ignore_eos=True, **sampling))
+
+
+def handle(serve, app: str, deployment: str):
+    return serve.get_deployment_handle(deployment, app_name=app)
+
+
+def wait_until_no_blocks(serve, app: str, deployments: list[str], seconds: float = 20.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        stats = {d: handle(serve, app, d).kv_stats.remote().result() for d in deployments}
+        if all(s["num_used_blocks"] == 0 and s["num_requests"] == 0 for s in stats.values()) or \
+                time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+PROMPTS = ["The capital of France is", "In Python, a list comprehension is",
+           "Once upon a time, in a small village by the sea,"]
+
+
+def test_disaggregated_equals_unified_equals_in_process(cluster, real_model):
+    from workers.config import EngineConfig
+    from workers.engine import Engine
+    from workers.sampling_params import SamplingParams
+
+    stub, serve = cluster
+    engine = Engine(EngineConfig(num_kv_blocks=256), loaded=real_model)
+    expected = [c.token_ids for c in engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0,
+                                                                              ignore_eos=True))]
+    before = handle(serve, "disagg", "DecodeServer-default").transfer_stats.remote().result()
+    for prompt, tokens in zip(PROMPTS, expected):
+        disagg = call(stub, "disagg", greedy(prompt))
+        unified = call(stub, "unified", greedy(prompt))
+        assert list(disagg.token_ids) == tokens
+        assert list(unified.token_ids) == tokens
+        assert disagg.text == unified.text and disagg.tier == "default"
+        assert disagg.finish_reason == pb.FINISH_REASON_LENGTH and disagg.usage.completion_tokens == 24
+    after = handle(serve, "disagg", "DecodeServer-default").transfer_stats.remote().result()
+    # The KV really crossed the tiers (not recomputed): one transfer per request, bytes accounted.
+    assert after["transfers"] - before["transfers"] == len(PROMPTS)
+    assert after["failures"] == before["failures"]
+    assert after["bytes"] > before["bytes"]
+
+
+def test_streaming_and_32_concurrent_clients(cluster, real_model):
+    from workers.config import EngineConfig
+    from workers.engine import Engine
+    from workers.sampling_params import SamplingParams
+
+    stub, _ = cluster
+    prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(32)]
+    engine = Engine(EngineConfig(num_kv_blocks=512), loaded=real_model)
+    expected = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
+                                                                              ignore_eos=True))]
+    results: dict[int, list[int]] = {}
+    chunk_counts: dict[int, int] = {}
+
+    def client(index: int) -> None:
+        tokens, chunks = [], 0
+        for chunk in stub.Generate(greedy(prompts[index], 12), metadata=(("application", "disagg"),), timeout=300):
+            tokens.extend(chunk.token_ids)
+            chunks += 1
+        results[index] = tokens
+        chunk_counts[index] = chunks
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert [results.get(i) for i in range(32)] == expected
+    assert all(count >= 2 for count in chunk_counts.values())  # streamed, not one final message
+
+
+@pytest.mark.parametrize("request_kwargs,code,needle", [
+    (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (dict(), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+    (dict(prompt="hi", sampling=pb.SamplingParams(max_tokens=-1)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (dict(prompt="hi", sampling=pb.SamplingParams(max_tokens=10**9)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (dict(prompt="hi", sampling=pb.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (dict(prompt="hi", sampling=pb.SamplingParams(temperature=float("nan"))), grpc.StatusCode.INVALID_ARGUMENT,
+     "temperature"),
+    (dict(prompt="hi", sampling=pb.SamplingParams(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (dict(prompt="hi", sampling=pb.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (dict(token_ids=pb.TokenIds(ids=[1, 99999999])), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+    (dict(token_ids=pb.TokenIds(ids=[5] * 9000)), grpc.StatusCode.INVALID_ARGUMENT, "context window"),
+    (dict(prompt="hi", model="gpt-17"), grpc.StatusCode.NOT_FOUND, "gpt-17"),
+    (dict(prompt="hi", tier="huge"), grpc.StatusCode.NOT_FOUND, "huge"),
+    (dict(chat=pb.ChatMessages()), grpc.StatusCode.INVALID_ARGUMENT, "chat.messages"),
+    (dict(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="", content="x")])), grpc.StatusCode.INVALID_ARGUMENT,
+     "role"),
+])
+def test_bad_input_gets_a_clear_status(cluster, request_kwargs, code, needle):
+    stub, serve = cluster
+    with pytest.raises(grpc.RpcError) as info:
+        call(stub, "disagg", pb.GenerateRequest(**request_kwargs))
+    assert info.value.code() == code
+    assert needle in info.value.details()
+    # ...and the replicas are still fine afterwards.
+    assert call(stub, "disagg", greedy("Hello", 2)).usage.completion_tokens == 2
+
+
+def test_tier_routing_by_hint_and_length(cluster):
+    stub, _ = cluster
+    assert call(stub, "disagg", greedy("Hello", 2, )).tier == "default"
+    assert call(stub, "disagg", pb.GenerateRequest(prompt="Hello", tier="long",
+                                                   sampling=pb.SamplingParams(max_tokens=2))).tier == "long"
+    long_prompt = " ".join(["word"] * 450)
+    assert call(stub, "disagg", greedy(long_prompt, 2)).tier == "long"
+
+
+def test_cancel_mid_stream_frees_blocks_on_both_tiers(cluster):
+    stub, serve = cluster
+    stream = stub.Generate(greedy("Tell me a very long story about the sea.", 400),
+                           metadata=(("application", "disagg"),), timeout=120)
+    received = 0
+    for chunk in stream:
+        received += len(chunk.token_ids)
+        if received >= 5:
+            stream.cancel()
+            break
+    assert received >= 5
+    stats = wait_until_no_blocks(serve, "disagg", ["DecodeServer-default", "PrefillServer"])
+    assert all(s["num_used_blocks"] == 0 and s["num_requests"] == 0 for s in stats.values()), stats
+
+
+def test_injected_transfer_failure_recomputes_and_is_counted(cluster):
+    stub, serve = cluster
+    decode = handle(serve, "disagg", "DecodeServer-default")
+    expected = list(call(stub, "disagg", greedy("The three primary colors are")).token_ids)
+    before = decode.transfer_stats.remote().result()
+    decode.inject_transfer_failures.remote(1).result()
+    recomputed = call(stub, "disagg", greedy("The three primary colors are"))
+    after = decode.transfer_stats.remote().result()
+    assert list(recomputed.token_ids) == expected
+    assert after["failures"] == before["failures"] + 1
+    # The pair recovers: later requests move KV again.
+    for _ in range(2):
+        call(stub, "disagg", greedy("Water boils at", 4))
+    assert decode.transfer_stats.remote().result()["transfers"] > after["transfers"]
+    stats = wait_until_no_blocks(serve, "disagg", ["DecodeServer-default", "PrefillServer"])
+    assert all(s["num_used_blocks"] == 0 for s in stats.values()), stats
+
+
+def test_tokenize_list_models_health(cluster, real_model):
+    stub, _ = cluster
+    metadata = (("application", "disagg"),)
+    tokens = stub.Tokenize(pb.TokenizeRequest(prompt="Hello world"), metadata=metadata)
+    assert list(tokens.token_ids) == real_model.tokenizer.encode("Hello world")
+    models = stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+    assert models.models[0].vocab_size == 49152 and list(models.models[0].tiers) == ["default", "long"]
+    assert stub.Health(pb.HealthRequest(), metadata=metadata).status == pb.HealthResponse.SERVING

@@ -77,6 +77,8 @@ class ServeConfig(_Strict):
     transfer_failure_policy: Literal["recompute", "fail"] = "recompute"
     transfer_timeout_s: float = Field(10.0, gt=0)
     max_queued_requests: int = Field(256, ge=1, description="beyond this the Router answers RESOURCE_EXHAUSTED")
+    max_migrations: int = Field(3, ge=0, description="times a stream may move to another decode replica")
+    migration_timeout_s: float = Field(120.0, gt=0, description="how long a stream may wait for a live replica")
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> "ServeConfig":

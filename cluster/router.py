@@ -7,6 +7,8 @@ NOT_FOUND, overload RESOURCE_EXHAUSTED, a failed handoff under policy `fail` UNA
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -14,6 +16,8 @@ import uuid
 from typing import AsyncIterator
 
 import grpc
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 
 from cluster.config import ServeConfig, UnknownTierError
 from cluster.convert import chat_messages, response_from_output, sampling_params_from_proto
@@ -35,24 +39,52 @@ class Router:
                                  self.model_config.max_position_embeddings)
         self.decode = {tier.name: handle for tier, handle in zip(config.decode_tiers, decode_handles)}
         self.in_flight = 0
+        self.num_migrations = 0
 
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         decode_request, tier = self._admit(request, grpc_context)
         started = time.perf_counter()
         first_token_at = None
+        generated: list[int] = []
+        migrations = 0
         try:
-            stream = self.decode[tier].options(stream=True).generate.remote(decode_request)
-            async for output in stream:
-                now = time.perf_counter()
-                if first_token_at is None and output.new_token_ids:
-                    first_token_at = now
-                yield response_from_output(output, tier, (first_token_at or now) - started, now - started)
+            while True:
+                try:
+                    async for output in self._decode_stream(tier, decode_request, generated):
+                        now = time.perf_counter()
+                        if first_token_at is None and output.new_token_ids:
+                            first_token_at = now
+                        generated.extend(output.new_token_ids)
+                        response = response_from_output(output, tier, (first_token_at or now) - started,
+                                                        now - started)
+                        # Usage is the client's view: its own prompt, every token it has received.
+                        response.usage.prompt_tokens = len(decode_request.prompt_token_ids)
+                        response.usage.completion_tokens = len(generated)
+                        yield response
+                    return
+                except REPLICA_LOST as exc:
+                    # The decode replica died mid-stream: re-issue prompt + tokens so far elsewhere.
+                    migrations += 1
+                    self.num_migrations += 1
+                    if migrations > self.config.max_migrations or \
+                            time.perf_counter() - started > self.config.migration_timeout_s:
+                        raise
+                    logger.warning("decode replica lost for %s after %d tokens (%r); migrating",
+                                   decode_request.request_id, len(generated), exc)
+                    await asyncio.sleep(min(0.5 * migrations, 2.0))
         except Exception as exc:
             _set_status_for(exc, grpc_context)
             raise
         finally:
             self.in_flight -= 1
+
+    def _decode_stream(self, tier: str, request: DecodeRequest, generated: list[int]):
+        if generated:
+            request = dataclasses.replace(
+                request, prompt_token_ids=request.prompt_token_ids + generated,
+                params=dataclasses.replace(request.params, max_tokens=request.params.max_tokens - len(generated)))
+        return self.decode[tier].options(stream=True).generate.remote(request)
 
     async def Complete(self, request: pb.GenerateRequest, grpc_context=None) -> pb.CompleteResponse:
         response = pb.CompleteResponse()
@@ -89,6 +121,9 @@ class Router:
         return pb.ListModelsResponse(models=[pb.ModelInfo(
             id=self.model_id, max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
             tiers=list(self.decode))])
+
+    async def stats(self) -> dict[str, int]:
+        return {"in_flight": self.in_flight, "migrations": self.num_migrations}
 
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
         return pb.HealthResponse(status=pb.HealthResponse.SERVING, detail=f"{self.in_flight} requests in flight")
@@ -137,6 +172,10 @@ class Router:
             raise InvalidRequestError("prompt", f"prompt has {len(token_ids)} tokens; the context window is "
                                                 f"{self.max_model_len} (prompt + at least one generated token)")
         return token_ids
+
+
+# A replica that vanished mid-stream (killed, OOM, node lost): the request itself is fine, move it.
+REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
 
 
 class OverloadedError(RuntimeError):

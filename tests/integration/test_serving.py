@@ -213,3 +213,25 @@ def test_tokenize_list_models_health(cluster, real_model):
     models = stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
     assert models.models[0].vocab_size == 49152 and list(models.models[0].tiers) == ["default", "long"]
     assert stub.Health(pb.HealthRequest(), metadata=metadata).status == pb.HealthResponse.SERVING
+
+
+def test_decode_replica_killed_mid_stream_migrates_without_gaps(cluster):
+    import ray
+
+    stub, serve = cluster
+    request = greedy("The history of the printing press begins", 60)
+    expected = list(call(stub, "unified", request).token_ids)
+    stream = stub.Generate(request, metadata=(("application", "unified"),), timeout=240)
+    tokens = []
+    killed = False
+    for chunk in stream:
+        tokens.extend(chunk.token_ids)
+        if not killed and len(tokens) >= 8:
+            # Kill every replica of the tier: the Router must wait for Serve to bring one back.
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                if "DecodeServer-default" in actor["name"] and actor["name"].startswith("SERVE_REPLICA"):
+                    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+            killed = True
+    assert killed
+    assert tokens == expected  # no duplicate, no missing token
+    assert handle(serve, "unified", "Router").stats.remote().result()["migrations"] >= 1

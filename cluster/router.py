@@ -20,6 +20,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from cluster.config import ServeConfig, UnknownTierError
+from cluster.metrics import RouterMetrics
 from cluster.convert import chat_messages, response_from_output, sampling_params_from_proto
 from cluster.records import DecodeRequest, TransferFailedError
 from protos import inference_pb2 as pb
@@ -40,6 +41,7 @@ class Router:
         self.decode = {tier.name: handle for tier, handle in zip(config.decode_tiers, decode_handles)}
         self.in_flight = 0
         self.num_migrations = 0
+        self.metrics = RouterMetrics()
 
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
@@ -48,6 +50,7 @@ class Router:
         first_token_at = None
         generated: list[int] = []
         migrations = 0
+        last_chunk_at = started
         try:
             while True:
                 try:
@@ -55,6 +58,10 @@ class Router:
                         now = time.perf_counter()
                         if first_token_at is None and output.new_token_ids:
                             first_token_at = now
+                            self.metrics.ttft.observe(now - started, tags={"tier": tier})
+                        elif output.new_token_ids:
+                            self.metrics.inter_token.observe(now - last_chunk_at, tags={"tier": tier})
+                        last_chunk_at = now
                         generated.extend(output.new_token_ids)
                         response = response_from_output(output, tier, (first_token_at or now) - started,
                                                         now - started)
@@ -67,6 +74,7 @@ class Router:
                     # The decode replica died mid-stream: re-issue prompt + tokens so far elsewhere.
                     migrations += 1
                     self.num_migrations += 1
+                    self.metrics.migrations.inc(1, tags={"tier": tier})
                     if migrations > self.config.max_migrations or \
                             time.perf_counter() - started > self.config.migration_timeout_s:
                         raise
@@ -78,6 +86,7 @@ class Router:
             raise
         finally:
             self.in_flight -= 1
+            self.metrics.queue_depth.set(self.in_flight)
 
     def _decode_stream(self, tier: str, request: DecodeRequest, generated: list[int]):
         if generated:
@@ -140,8 +149,10 @@ class Router:
             tier = self.config.tier_for(len(prompt_token_ids), request.tier).name
         except Exception as exc:
             _set_status_for(exc, grpc_context)
+            self.metrics.rejected.inc(1, tags={"code": _status_for(exc).name})
             raise
         self.in_flight += 1
+        self.metrics.queue_depth.set(self.in_flight)
         request_id = request.request_id or uuid.uuid4().hex
         return DecodeRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params), tier
 

@@ -21,6 +21,7 @@ from typing import AsyncIterator
 import torch
 
 from cluster.config import ServeConfig, TierConfig
+from cluster.metrics import EngineMetrics
 from cluster.records import (CodecMismatchError, DecodeRequest, KVLayout, KVTicket, PrefillRequest,
                              TransferFailedError)
 from workers.async_engine import AsyncEngine
@@ -62,6 +63,8 @@ class EngineServer:
         self.engine = AsyncEngine(Engine(engine_config))
         self.replica_id = _replica_id()
         self.transport = KVTransport(host=_node_ip(), timeout_s=config.transfer_timeout_s) if with_transport else None
+        role = "prefill" if tier is config.prefill else ("unified" if config.mode == "unified" else "decode")
+        self.metrics = EngineMetrics(tier.name, role, self.engine.engine)
         pages = self.engine.engine.kv_pages
         self.layout = KVLayout(codec=self.engine.engine.codec.name, block_size=self.engine.engine.block_size,
                                block_nbytes=block_nbytes(pages), num_layers=len(pages))
@@ -161,6 +164,7 @@ class DecodeServer(EngineServer):
         if block_ids is None:
             return None  # our pool is short right now: the scheduler will queue a local prefill
         tag = next(self._tags)
+        started = time.perf_counter()
         receive = asyncio.ensure_future(asyncio.to_thread(self._receive, request_id, block_ids, tag))
         prefill_response = self.prefill.prefill.remote(PrefillRequest(
             request_id=request_id, prompt_token_ids=request.prompt_token_ids, params=request.params,
@@ -184,6 +188,7 @@ class DecodeServer(EngineServer):
             if isinstance(exc, CodecMismatchError):
                 raise
             self.num_transfer_failures += 1
+            self.metrics.record_transfer_failure()
             logger.warning("KV handoff for %s failed (%r); policy=%s", request_id, exc,
                            self.config.transfer_failure_policy)
             if self.config.transfer_failure_policy == "fail":
@@ -191,6 +196,7 @@ class DecodeServer(EngineServer):
             return None
         self.num_transfers += 1
         self.transfer_bytes += nbytes
+        self.metrics.record_transfer(nbytes, time.perf_counter() - started)
         seq.num_cached_tokens = ticket.num_cached_tokens  # the prefix hit happened on the prefill tier
         return self.engine.stream_imported(request_id, ticket.first_token_id)
 

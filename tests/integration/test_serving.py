@@ -17,6 +17,7 @@ from protos import inference_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 TIER = {"num_cpus": 0.25}
+CLUSTER_STATE: dict[str, int] = {}
 
 
 def free_port() -> int:
@@ -35,7 +36,9 @@ def cluster():
     from cluster.config import ServeConfig
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
                 http_options=HTTPOptions(port=free_port()))
     common = {"engine": {"num_kv_blocks": 256, "max_num_seqs": 48}, "transfer_timeout_s": 5,
@@ -48,6 +51,7 @@ def cluster():
     for name, config in configs.items():
         serve.run(build_app(config), name=name, route_prefix=f"/{name}")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    CLUSTER_STATE["metrics_port"] = metrics_port
     yield pb_grpc.InferenceStub(channel), serve
     channel.close()
     serve.shutdown()
@@ -235,3 +239,36 @@ def test_decode_replica_killed_mid_stream_migrates_without_gaps(cluster):
     assert killed
     assert tokens == expected  # no duplicate, no missing token
     assert handle(serve, "unified", "Router").stats.remote().result()["migrations"] >= 1
+
+
+def test_client_deadline_frees_blocks_on_both_tiers(cluster):
+    stub, serve = cluster
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stub.Generate(greedy("Write a long essay about rivers.", 2000),
+                               metadata=(("application", "disagg"),), timeout=3):
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stats = wait_until_no_blocks(serve, "disagg", ["DecodeServer-default", "PrefillServer"])
+    assert all(s["num_used_blocks"] == 0 and s["num_requests"] == 0 for s in stats.values()), stats
+
+
+def test_prometheus_metrics_are_exported(cluster):
+    import urllib.request
+
+    stub, _ = cluster
+    call(stub, "disagg", greedy("Metrics please", 4))
+    wanted = ["tierserve_ttft_seconds", "tierserve_kv_blocks_used", "tierserve_kv_transfer_bytes_total",
+              "tierserve_router_requests_in_flight"]
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{CLUSTER_STATE['metrics_port']}/metrics", timeout=5).read().decode()
+        except OSError:
+            text = ""
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not exported: {missing}"
+    assert 'tier="default"' in text

@@ -104,7 +104,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from cluster.bench_engine import run_engine_bench
 
         return run_engine_bench(args)
-    raise SystemExit(f"unknown bench target {args.target!r}")
+    from cluster.bench_serve import run_serve_bench
+
+    return run_serve_bench(args)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -139,12 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="benchmarks (table on stdout, JSON with --json)")
-    bench.add_argument("target", choices=["engine"])
+    bench.add_argument("target", choices=["engine", "serve"])
     bench.add_argument("--json", dest="json_out", default=None, help="write results here")
-    bench.add_argument("--prompt-len", type=int, default=128)
-    bench.add_argument("--decode-tokens", type=int, default=64)
+    bench.add_argument("--prompt-len", type=int, default=128, help="engine: prompt tokens")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="engine: tokens decoded per stream")
     bench.add_argument("--concurrency", default="1,4,16,32")
-    bench.add_argument("--skip-baseline", action="store_true", help="skip the transformers baseline")
+    bench.add_argument("--skip-baseline", action="store_true", help="engine: skip the transformers baseline")
+    bench.add_argument("--prompt-lens", default="32,128,512", help="serve: prompt length mix (tokens)")
+    bench.add_argument("--output-lens", default="16,64", help="serve: output length mix (tokens)")
+    bench.add_argument("--requests-per-client", type=int, default=2, help="serve: requests per client per level")
+    bench.add_argument("--grpc-port", type=int, default=9000, help="serve: port of the embedded server")
     _add_engine_options(bench)
     bench.set_defaults(func=cmd_bench)
 

@@ -198,15 +198,13 @@ class ModelNotFoundError(LookupError):
 
 
 def _status_for(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, InvalidRequestError) or isinstance(exc, ValueError) and "messages[" in str(exc):
-        return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, (UnknownTierError, ModelNotFoundError)):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, OverloadedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, TransferFailedError):
         return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, ValueError):  # e.g. a chat template error raised by the template itself
+    if isinstance(exc, ValueError):  # InvalidRequestError, bad chat messages, a template's raise_exception
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
 

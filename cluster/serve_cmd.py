@@ -13,8 +13,10 @@ APP_NAME = "tierserve"
 ROUTE_PREFIX = "/tierserve"
 
 
-def start_serving(config, address: str | None = None, http_port: int = 8000):
-    """Start (or join) Ray, start Serve with the gRPC proxy, deploy the app; returns when it is up."""
+def start_serving(config, address: str | None = None, http_port: int = 8000,
+                  extra_apps: dict | None = None) -> None:
+    """Start (or join) Ray, start Serve with the gRPC proxy, deploy the app (and any extra named apps,
+    e.g. the benchmark's unified baseline); returns when every app is up."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -25,10 +27,11 @@ def start_serving(config, address: str | None = None, http_port: int = 8000):
         ray.init(address=address)
     else:
         # Lean local Ray for small machines: no dashboard (it costs ~1 GB and a core at start-up).
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
                 http_options=HTTPOptions(port=http_port))
-    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+    for name, app_config in {APP_NAME: config, **(extra_apps or {})}.items():
+        serve.run(build_app(app_config), name=name, route_prefix=f"/{name}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from workers.kv.transfer import PeerEndpoint
 from workers.sampling_params import SamplingParams
 
@@ -53,6 +55,9 @@ class KVTicket:
     num_cached_tokens: int  # prefix-cache hit on the prefill tier
     prefill_replica: str
     seconds: float  # prefill + transfer, on the prefill replica
+    # Set only when no process group could be formed: the encoded blocks ride in the ticket itself
+    # (through Ray's object store) instead of over torch.distributed.
+    payload: torch.Tensor | None = None
 
 
 class CodecMismatchError(ValueError):

@@ -26,7 +26,7 @@ from cluster.records import (CodecMismatchError, DecodeRequest, KVLayout, KVTick
                              TransferFailedError)
 from workers.async_engine import AsyncEngine
 from workers.engine import Engine
-from workers.kv.transfer import KVTransferError, KVTransport, block_nbytes
+from workers.kv.transfer import KVTransferError, KVTransport, block_nbytes, pack_blocks, unpack_blocks
 from workers.outputs import RequestOutput
 from workers.sampling_params import SamplingParams
 
@@ -85,6 +85,11 @@ class PrefillServer(EngineServer):
         # A pair's group is cached on both sides; after a failure this side moves to a new epoch, so
         # both sides build a fresh group under a fresh store prefix (never a half-broken old one).
         self._epochs: dict[str, int] = {}
+        self._injected_failures = 0
+
+    async def inject_failures(self, count: int) -> None:
+        """Chaos hook (operators and tests): fail the next `count` prefill calls as a dying replica would."""
+        self._injected_failures = count
 
     async def prefill(self, request: PrefillRequest) -> KVTicket:
         started = time.perf_counter()
@@ -92,6 +97,9 @@ class PrefillServer(EngineServer):
             raise CodecMismatchError(
                 f"KV layout mismatch: decode tier has {request.layout}, prefill tier has {self.layout}; "
                 "configure the same kv_codec and block_size on both tiers")
+        if self._injected_failures > 0:
+            self._injected_failures -= 1
+            raise KVTransferError(f"injected prefill failure for {request.request_id}")
         params = SamplingParams(**{**request.params.__dict__, "max_tokens": 1})
         first = None
         async for output in self.engine.generate(request.request_id, prompt_token_ids=request.prompt_token_ids,
@@ -104,13 +112,21 @@ class PrefillServer(EngineServer):
             if len(held.block_ids) != request.num_blocks:
                 raise KVTransferError(f"decode reserved {request.num_blocks} blocks, prefill holds "
                                       f"{len(held.block_ids)}")
-            nbytes = await asyncio.to_thread(self._send, request, list(held.block_ids))
+            payload = None
+            try:
+                nbytes = await asyncio.to_thread(self._send, request, list(held.block_ids))
+            except KVTransferError as exc:
+                # No group could be formed (or it broke): hand the encoded blocks over through Ray's
+                # object store instead. Slower, but the decode replica still skips the prefill.
+                logger.warning("KV group send for %s failed (%r): object-store path", request.request_id, exc)
+                payload = pack_blocks(self.engine.engine.kv_pages, list(held.block_ids))
+                nbytes = payload.numel()
         finally:
             await self.engine.call(lambda engine: engine.release_kv(request.request_id))
         return KVTicket(request_id=request.request_id, first_token_id=held.first_token_id,
                         num_tokens=held.num_tokens, num_blocks=len(held.block_ids), nbytes=nbytes,
                         num_cached_tokens=first.num_cached_tokens if first else 0, prefill_replica=self.replica_id,
-                        seconds=time.perf_counter() - started)
+                        seconds=time.perf_counter() - started, payload=payload)
 
     def _send(self, request: PrefillRequest, block_ids: list[int]) -> int:
         epoch = self._epochs.setdefault(request.decode_replica, 0)
@@ -134,6 +150,7 @@ class DecodeServer(EngineServer):
         self._tags = itertools.count(1)
         self.num_transfers = 0
         self.num_transfer_failures = 0
+        self.num_object_store_transfers = 0
         self.transfer_bytes = 0
         self._injected_transfer_failures = 0
 
@@ -155,7 +172,8 @@ class DecodeServer(EngineServer):
             yield output
 
     async def transfer_stats(self) -> dict[str, int]:
-        return {"transfers": self.num_transfers, "failures": self.num_transfer_failures, "bytes": self.transfer_bytes}
+        return {"transfers": self.num_transfers, "failures": self.num_transfer_failures,
+                "object_store_transfers": self.num_object_store_transfers, "bytes": self.transfer_bytes}
 
     async def _handoff(self, seq, request: DecodeRequest):
         """Import the prompt's KV from the prefill tier; None means: prefill locally (recompute)."""
@@ -170,19 +188,20 @@ class DecodeServer(EngineServer):
             request_id=request_id, prompt_token_ids=request.prompt_token_ids, params=request.params,
             decode_endpoint=self.transport.endpoint, decode_replica=self.replica_id, layout=self.layout,
             num_blocks=len(block_ids), tag=tag))
-        prefill_call = asyncio.ensure_future(_await(prefill_response))
         try:
-            # Either side failing ends the handoff at once (no waiting out the other side's timeout).
-            done, _ = await asyncio.wait({receive, prefill_call}, timeout=self.config.transfer_timeout_s * 2,
-                                         return_when=asyncio.FIRST_EXCEPTION)
-            if len(done) < 2:
-                for task in done:
-                    task.result()  # raises the first failure
-                raise asyncio.TimeoutError(f"KV handoff exceeded {self.config.transfer_timeout_s * 2:.0f}s")
-            ticket: KVTicket = prefill_call.result()
-            nbytes = receive.result()
-        except Exception as exc:  # prefill died, transfer failed or timed out, or the codecs differ
+            ticket: KVTicket = await asyncio.wait_for(_await(prefill_response),
+                                                      timeout=self.config.transfer_timeout_s * 3)
+            if ticket.payload is not None:
+                receive.add_done_callback(_consume_exception)  # the group path gave up; nobody awaits it
+                receive.cancel()
+                await asyncio.to_thread(unpack_blocks, ticket.payload, self.engine.engine.kv_pages, block_ids)
+                nbytes = ticket.nbytes
+                self.num_object_store_transfers += 1
+            else:
+                nbytes = await asyncio.wait_for(receive, timeout=self.config.transfer_timeout_s)
+        except Exception as exc:  # prefill died or refused, transfer failed or timed out, codecs differ
             prefill_response.cancel()
+            receive.add_done_callback(_consume_exception)
             receive.cancel()
             await self.engine.call(lambda engine: engine.release_kv(request_id))
             if isinstance(exc, CodecMismatchError):
@@ -216,3 +235,8 @@ class DecodeServer(EngineServer):
 
 async def _await(response):
     return await response
+
+
+def _consume_exception(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -191,20 +191,35 @@ def test_cancel_mid_stream_frees_blocks_on_both_tiers(cluster):
     assert all(s["num_used_blocks"] == 0 and s["num_requests"] == 0 for s in stats.values()), stats
 
 
-def test_injected_transfer_failure_recomputes_and_is_counted(cluster):
+def test_no_process_group_falls_back_to_the_object_store(cluster):
     stub, serve = cluster
     decode = handle(serve, "disagg", "DecodeServer-default")
     expected = list(call(stub, "disagg", greedy("The three primary colors are")).token_ids)
     before = decode.transfer_stats.remote().result()
-    decode.inject_transfer_failures.remote(1).result()
-    recomputed = call(stub, "disagg", greedy("The three primary colors are"))
+    decode.inject_transfer_failures.remote(1).result()  # the pair's group cannot be used for one request
+    moved = call(stub, "disagg", greedy("The three primary colors are"))
+    after = decode.transfer_stats.remote().result()
+    assert list(moved.token_ids) == expected
+    assert after["object_store_transfers"] == before["object_store_transfers"] + 1
+    assert after["failures"] == before["failures"]
+    # The pair recovers (fresh epoch): later requests move KV over the group again.
+    for _ in range(2):
+        call(stub, "disagg", greedy("Water boils at", 4))
+    final = decode.transfer_stats.remote().result()
+    assert final["transfers"] == after["transfers"] + 2
+    assert final["object_store_transfers"] == after["object_store_transfers"]
+
+
+def test_failed_prefill_recomputes_and_is_counted(cluster):
+    stub, serve = cluster
+    decode = handle(serve, "disagg", "DecodeServer-default")
+    expected = list(call(stub, "disagg", greedy("The first law of motion says")).token_ids)
+    before = decode.transfer_stats.remote().result()
+    handle(serve, "disagg", "PrefillServer").inject_failures.remote(1).result()
+    recomputed = call(stub, "disagg", greedy("The first law of motion says"))
     after = decode.transfer_stats.remote().result()
     assert list(recomputed.token_ids) == expected
     assert after["failures"] == before["failures"] + 1
-    # The pair recovers: later requests move KV again.
-    for _ in range(2):
-        call(stub, "disagg", greedy("Water boils at", 4))
-    assert decode.transfer_stats.remote().result()["transfers"] > after["transfers"]
     stats = wait_until_no_blocks(serve, "disagg", ["DecodeServer-default", "PrefillServer"])
     assert all(s["num_used_blocks"] == 0 for s in stats.values()), stats
 
@@ -258,7 +273,7 @@ def test_prometheus_metrics_are_exported(cluster):
     stub, _ = cluster
     call(stub, "disagg", greedy("Metrics please", 4))
     wanted = ["tierserve_ttft_seconds", "tierserve_kv_blocks_used", "tierserve_kv_transfer_bytes_total",
-              "tierserve_router_requests_in_flight"]
+              "tierserve_router_requests_in_flight", "tierserve_kv_transfer_failures_total"]
     deadline = time.monotonic() + 60
     text = ""
     while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ from ray.serve.exceptions import ReplicaUnavailableError
 from cluster.config import ServeConfig, UnknownTierError
 from cluster.metrics import RouterMetrics
 from cluster.convert import chat_messages, response_from_output, sampling_params_from_proto
-from cluster.records import DecodeRequest, TransferFailedError
+from cluster.records import CodecMismatchError, DecodeRequest, TransferFailedError
 from protos import inference_pb2 as pb
 from workers.model.loader import load_model_info
 from workers.sampling_params import InvalidRequestError
@@ -204,6 +204,8 @@ def _status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, TransferFailedError):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, CodecMismatchError):  # the tiers are misconfigured, not the request
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, ValueError):  # InvalidRequestError, bad chat messages, a template's raise_exception
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL

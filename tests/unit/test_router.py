@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from cluster.config import ServeConfig, UnknownTierError
-from cluster.records import TransferFailedError
+from cluster.records import CodecMismatchError, TransferFailedError
 from cluster.router import ModelNotFoundError, OverloadedError, Router, _status_for
 from protos import inference_pb2 as pb
 from workers.sampling_params import InvalidRequestError
@@ -65,6 +65,7 @@ def test_bad_requests_name_the_field(router, request_kwargs, field):
     (ModelNotFoundError("x"), grpc.StatusCode.NOT_FOUND),
     (OverloadedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TransferFailedError("x"), grpc.StatusCode.UNAVAILABLE),
+    (CodecMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
     (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
 ])
 def test_status_mapping(exc, code):

@@ -1,0 +1,110 @@
+"""DecodeServer/PrefillServer handoff rules with fakes at the Ray boundary (one component each):
+the `fail` policy, the codec handshake, and that every failure path gives the reservation back."""
+
+import asyncio
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.config import ServeConfig
+from cluster.records import CodecMismatchError, DecodeRequest, KVLayout, PrefillRequest, TransferFailedError
+from cluster.servers import DecodeServer, PrefillServer
+from tests.unit.test_engine import make_engine
+from workers.async_engine import AsyncEngine
+from workers.kv.transfer import KVTransferError, PeerEndpoint
+from workers.sampling_params import SamplingParams
+
+LAYOUT = KVLayout(codec="float32", block_size=4, block_nbytes=1024, num_layers=2)
+
+
+class FailingResponse:
+    """Stands in for a DeploymentResponse whose call raised on the prefill replica."""
+
+    def __init__(self, error: Exception):
+        self.error, self.cancelled = error, False
+
+    def __await__(self):
+        async def fail():
+            raise self.error
+        return fail().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class NullMetrics:
+    def record_transfer(self, *args):
+        pass
+
+    def record_transfer_failure(self):
+        pass
+
+
+def decode_server(tiny_loaded, policy: str, error: Exception) -> DecodeServer:
+    server = DecodeServer.__new__(DecodeServer)  # skip __init__: no Serve replica context here
+    server.config = ServeConfig.model_validate({"transfer_failure_policy": policy, "transfer_timeout_s": 1})
+    server.engine = AsyncEngine(make_engine(tiny_loaded))
+    server.replica_id, server.layout, server.metrics = "decode-0", LAYOUT, NullMetrics()
+    server.transport = SimpleNamespace(endpoint=PeerEndpoint("127.0.0.1", 1))
+    server._tags = itertools.count(1)
+    server.num_transfers = server.num_transfer_failures = server.num_object_store_transfers = 0
+    server.transfer_bytes = server._injected_transfer_failures = 0
+    server._receive = lambda *args: (_ for _ in ()).throw(KVTransferError("no announcement"))
+    response = FailingResponse(error)
+    server.prefill = SimpleNamespace(prefill=SimpleNamespace(remote=lambda request: response))
+    server.response = response
+    return server
+
+
+async def consume(server, request) -> list[int]:
+    return [t async for out in server.generate(request) for t in out.new_token_ids]
+
+
+REQUEST = DecodeRequest("r1", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+
+
+def test_fail_policy_raises_a_clear_error_and_frees_the_reservation(tiny_loaded):
+    server = decode_server(tiny_loaded, "fail", KVTransferError("prefill replica gone"))
+    try:
+        with pytest.raises(TransferFailedError, match="KV transfer failed for request r1"):
+            asyncio.run(consume(server, REQUEST))
+        assert server.response.cancelled and server.num_transfer_failures == 1
+        assert server.engine.engine.pool.num_used_blocks == 0
+    finally:
+        server.engine.shutdown()
+
+
+def test_recompute_policy_prefills_locally(tiny_loaded):
+    server = decode_server(tiny_loaded, "recompute", KVTransferError("prefill replica gone"))
+    try:
+        tokens = asyncio.run(consume(server, REQUEST))
+        expected = make_engine(tiny_loaded).generate([REQUEST.prompt_token_ids], REQUEST.params)[0].token_ids
+        assert tokens == expected and server.num_transfer_failures == 1
+        assert server.engine.engine.pool.num_used_blocks == 0
+    finally:
+        server.engine.shutdown()
+
+
+def test_codec_mismatch_is_refused_before_any_work(tiny_loaded):
+    # Decode side: the mismatch propagates (no silent recompute) and the reservation is released.
+    server = decode_server(tiny_loaded, "recompute", CodecMismatchError("KV layout mismatch"))
+    try:
+        with pytest.raises(CodecMismatchError):
+            asyncio.run(consume(server, REQUEST))
+        assert server.engine.engine.pool.num_used_blocks == 0 and server.num_transfer_failures == 0
+    finally:
+        server.engine.shutdown()
+    # Prefill side: checks the layout first, so nothing is computed or held.
+    prefill = PrefillServer.__new__(PrefillServer)
+    prefill.layout, prefill._injected_failures = LAYOUT, 0
+    prefill.engine = AsyncEngine(make_engine(tiny_loaded))
+    try:
+        other = KVLayout(codec="tq-k4v3", block_size=16, block_nbytes=99, num_layers=2)
+        request = PrefillRequest("p1", [5, 6, 7], REQUEST.params, PeerEndpoint("127.0.0.1", 1), "decode-0", other,
+                                 num_blocks=1, tag=1)
+        with pytest.raises(CodecMismatchError, match="same kv_codec and block_size"):
+            asyncio.run(prefill.prefill(request))
+        assert prefill.engine.engine.pool.num_used_blocks == 0
+    finally:
+        prefill.engine.shutdown()

@@ -51,10 +51,13 @@ class Router:
         generated: list[int] = []
         migrations = 0
         last_chunk_at = started
+        stream = None
+        finished = False
         try:
             while True:
+                stream = self._decode_stream(tier, decode_request, generated)
                 try:
-                    async for output in self._decode_stream(tier, decode_request, generated):
+                    async for output in stream:
                         now = time.perf_counter()
                         if first_token_at is None and output.new_token_ids:
                             first_token_at = now
@@ -69,6 +72,9 @@ class Router:
                         response.usage.prompt_tokens = len(decode_request.prompt_token_ids)
                         response.usage.completion_tokens = len(generated)
                         yield response
+                        if output.finished:
+                            finished = True
+                            return
                     return
                 except REPLICA_LOST as exc:
                     # The decode replica died mid-stream: re-issue prompt + tokens so far elsewhere.
@@ -85,6 +91,10 @@ class Router:
             _set_status_for(exc, grpc_context)
             raise
         finally:
+            # Client cancelled, deadline passed or an error: stop the decode side explicitly so both tiers
+            # free the request's blocks now (don't rely on implicit propagation of the cancellation).
+            if stream is not None and not finished:
+                stream.cancel()
             self.in_flight -= 1
             self.metrics.queue_depth.set(self.in_flight)
 

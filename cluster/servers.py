@@ -71,7 +71,8 @@ class EngineServer:
 
     async def kv_stats(self) -> dict[str, int]:
         engine = self.engine.engine
-        return {"num_blocks": engine.pool.num_blocks, "num_used_blocks": engine.pool.num_used_blocks,
+        stats = engine.kv_stats()
+        return {"num_blocks": stats.num_blocks, "num_used_blocks": stats.num_used_blocks,
                 "num_requests": engine.num_requests}
 
     def check_health(self) -> None:
@@ -102,9 +103,13 @@ class PrefillServer(EngineServer):
             raise KVTransferError(f"injected prefill failure for {request.request_id}")
         params = SamplingParams(**{**request.params.__dict__, "max_tokens": 1})
         first = None
-        async for output in self.engine.generate(request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                                 params=params, hold_kv=True):
-            first = output
+        stream = self.engine.generate(request.request_id, prompt_token_ids=request.prompt_token_ids, params=params,
+                                      hold_kv=True)
+        try:
+            async for output in stream:
+                first = output
+        finally:
+            await stream.aclose()
         held = await self.engine.call(lambda engine: engine.held_kv(request.request_id))
         if held is None:
             raise KVTransferError(f"request {request.request_id!r} ended before its KV could be held")
@@ -168,8 +173,13 @@ class DecodeServer(EngineServer):
         if stream is None:
             stream = engine.generate(request.request_id, prompt_token_ids=request.prompt_token_ids,
                                      params=request.params)
-        async for output in stream:
-            yield output
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            # Cancelled at our `yield` (client gone, deadline): the inner stream is suspended at its
+            # own yield and would only abort when garbage-collected. Close it now: blocks return now.
+            await stream.aclose()
 
     async def transfer_stats(self) -> dict[str, int]:
         return {"transfers": self.num_transfers, "failures": self.num_transfer_failures,

@@ -38,7 +38,9 @@ class Router:
         engine_config = config.engine_config(config.decode_tiers[0])
         self.max_model_len = min(engine_config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
-        self.decode = {tier.name: handle for tier, handle in zip(config.decode_tiers, decode_handles)}
+        # Streaming handles made once: every request of a tier reuses its handle.
+        self.decode = {tier.name: handle.options(stream=True)
+                       for tier, handle in zip(config.decode_tiers, decode_handles)}
         self.in_flight = 0
         self.num_migrations = 0
         self.metrics = RouterMetrics()
@@ -103,7 +105,7 @@ class Router:
             request = dataclasses.replace(
                 request, prompt_token_ids=request.prompt_token_ids + generated,
                 params=dataclasses.replace(request.params, max_tokens=request.params.max_tokens - len(generated)))
-        return self.decode[tier].options(stream=True).generate.remote(request)
+        return self.decode[tier].generate.remote(request)
 
     async def Complete(self, request: pb.GenerateRequest, grpc_context=None) -> pb.CompleteResponse:
         response = pb.CompleteResponse()

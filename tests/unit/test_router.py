@@ -1,5 +1,7 @@
 """Router admission and status mapping with fake decode handles (one component, no Ray cluster)."""
 
+from types import SimpleNamespace
+
 import grpc
 import pytest
 
@@ -25,7 +27,8 @@ class FakeContext:
 def router(tiny_llama_dir):
     config = ServeConfig.model_validate({"model": str(tiny_llama_dir), "max_queued_requests": 2,
                                          "engine": {"max_model_len": 64}})
-    return Router(config, decode_handles=[object(), object()])
+    fake_handle = SimpleNamespace(options=lambda **options: SimpleNamespace(options=options))
+    return Router(config, decode_handles=[fake_handle, fake_handle])
 
 
 def test_admission_tokenizes_and_routes(router):

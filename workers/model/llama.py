@@ -153,15 +153,14 @@ class LlamaForCausalLM(nn.Module):
         self._check_all_loaded(loaded)
 
     def _check_all_loaded(self, loaded: set[str]) -> None:
+        num_shards = {fused: sum(1 for f, _, _ in STACKED_PARAMS if f == fused) for fused, _, _ in STACKED_PARAMS}
         expected = set()
         for name, _ in self.named_parameters(remove_duplicate=False):
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            module_name = name.rsplit(".", 2)
-            fused = [(p, s) for p, _, s in STACKED_PARAMS if module_name[-2] == p]
-            if fused:
-                num_shards = 3 if module_name[-2] == "qkv_proj" else 2
-                expected.update(f"{name}#{s}" for s in range(num_shards))
+            module = name.rsplit(".", 2)[-2]
+            if module in num_shards:
+                expected.update(f"{name}#{shard}" for shard in range(num_shards[module]))
             else:
                 expected.add(name)
         missing = sorted(expected - loaded)

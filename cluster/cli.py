@@ -15,7 +15,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M GGUF)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    group.add_argument("--kv-codec", default="auto", help="KV page format (auto = model dtype)")
+    group.add_argument("--kv-codec", default="auto",
+                       help="KV page format: auto, float16, bfloat16, int8, tq-k<b>v<b>, gtq-<bits> (e.g. tq-k4v3)")
+    group.add_argument("--kv-calibration", default=None, help="calibration file for gtq-* (tierserve calibrate)")
+    group.add_argument("--kv-exclude-layers", default="", help="comma-separated layers kept in fp16")
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--num-kv-blocks", type=int, default=None)
     group.add_argument("--max-model-len", type=int, default=None)
@@ -30,6 +33,8 @@ def _engine_config(args: argparse.Namespace):
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, kv_codec=args.kv_codec, block_size=args.block_size,
+        kv_calibration=args.kv_calibration,
+        kv_exclude_layers=tuple(int(layer) for layer in args.kv_exclude_layers.split(",") if layer.strip()),
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads,
@@ -109,6 +114,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_serve_bench(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cluster.eval_kv import run_eval_kv
+
+    return run_eval_kv(args)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cluster.eval_kv import calibration_windows, pydoc_text
+    from workers.kv.calibration import calibrate
+    from workers.model.loader import load_model
+
+    import torch
+
+    loaded = load_model(args.model, dtype=torch.float32, device="cpu")
+    if args.text:
+        token_ids = loaded.tokenizer.encode(open(args.text, encoding="utf-8").read())
+        windows = [token_ids[i:i + 512] for i in range(0, len(token_ids) - 511, 512)][: args.windows]
+        if not windows:
+            print(f"error: --text {args.text} has fewer than 512 tokens", file=sys.stderr)
+            return 2
+    else:
+        windows = calibration_windows(loaded.tokenizer, num_windows=args.windows)
+    calibration = calibrate(loaded.model, windows)
+    calibration.save(args.out)
+    print(f"wrote {args.out}: {calibration.num_tokens} tokens, digest {calibration.digest()}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -153,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--grpc-port", type=int, default=9000, help="serve: port of the embedded server")
     _add_engine_options(bench)
     bench.set_defaults(func=cmd_bench)
+
+    evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")
+    evaluate.add_argument("target", choices=["kv"])
+    evaluate.add_argument("--json", dest="json_out", default=None, help="write results here (and a PNG beside)")
+    evaluate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    from cluster.eval_kv import add_eval_kv_options
+
+    add_eval_kv_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    calibrate = sub.add_parser("calibrate", help="write a KV calibration file for the gtq-* codecs")
+    calibrate.add_argument("--out", required=True, help="calibration file to write")
+    calibrate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
+    calibrate.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc_data.topics, its tail)")
+    calibrate.add_argument("--windows", type=int, default=4, help="512-token windows to run")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     from cluster.serve_cmd import add_parsers
 

@@ -52,8 +52,10 @@ def paged_attention(
     for chunk in meta.prefills:
         end = chunk.query_start + chunk.query_len
         chunk_query = query[chunk.query_start:end]
-        if chunk.context_len == 0:
+        if chunk.context_len == 0 and codec.lossless:
             # A fresh prompt attends to its own K/V as computed (the usual prefill rule; saves a gather).
+            # A lossy codec takes the gather path: every query sees the decoded cache, so outputs do not
+            # depend on chunking, prefix hits or which tier ran the prefill.
             chunk_key, chunk_value = key[chunk.query_start:end], value[chunk.query_start:end]
         else:
             total_len = chunk.context_len + chunk.query_len

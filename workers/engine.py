@@ -16,7 +16,9 @@ import torch
 
 from workers.config import EngineConfig
 from workers.kv.block_pool import BlockPool
-from workers.kv.codecs import KVCodec, make_codec
+from workers.kv.calibration import KVCalibration
+from workers.kv.codecs import KVCodec
+from workers.kv.presets import make_codec
 from workers.kv.manager import KVCacheManager
 from workers.model.loader import LoadedModel, load_model
 from workers.model_runner import ModelRunner
@@ -59,17 +61,17 @@ class Engine:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         model_config = self.loaded.config
-        self.codec: KVCodec = make_codec(config.kv_codec, self.model.dtype, model_config.num_kv_heads,
-                                         model_config.head_dim)
+        calibration = KVCalibration.load(config.kv_calibration) if config.kv_calibration else None
+        self.codec: KVCodec = make_codec(
+            config.kv_codec, model_dtype=self.model.dtype, num_layers=model_config.num_layers,
+            num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, device=self.device,
+            calibration=calibration, exclude_layers=tuple(config.kv_exclude_layers))
         self.block_size = config.block_size
         bytes_per_block = sum(self.codec.bytes_per_token(layer) for layer in range(model_config.num_layers)) \
             * self.block_size
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_block)
-        self.kv_pages = [
-            self.codec.allocate(num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim,
-                                self.device)
-            for _ in range(model_config.num_layers)
-        ]
+        self.kv_pages = [self.codec.allocate(layer, num_blocks, self.block_size, self.device)
+                         for layer in range(model_config.num_layers)]
         self.pool = BlockPool(num_blocks, enable_prefix_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, self.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)

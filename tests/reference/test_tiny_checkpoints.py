@@ -5,7 +5,7 @@ import torch
 
 from tests.checkpoints import make_tiny_hf_checkpoint, write_tiny_gguf
 from workers.attention import AttentionMetadata, PrefillChunk
-from workers.kv.codecs import make_codec
+from workers.kv.presets import make_codec
 from workers.model.config import UnsupportedModelError
 from workers.model.loader import load_model
 
@@ -17,9 +17,9 @@ def prefill_logits(loaded, token_ids: list[int]) -> torch.Tensor:
     config = loaded.config
     block_size = 16
     num_blocks = -(-len(token_ids) // block_size)
-    codec = make_codec("auto", torch.float32, config.num_kv_heads, config.head_dim)
-    pages = [codec.allocate(num_blocks, block_size, config.num_kv_heads, config.head_dim, torch.device("cpu"))
-             for _ in range(config.num_layers)]
+    codec = make_codec("auto", model_dtype=torch.float32, num_layers=config.num_layers,
+                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    pages = [codec.allocate(layer, num_blocks, block_size, torch.device("cpu")) for layer in range(config.num_layers)]
     num_tokens = len(token_ids)
     meta = AttentionMetadata(slot_mapping=torch.arange(num_tokens), num_decode_tokens=0, decode_block_tables=None,
                              decode_seq_lens=None,

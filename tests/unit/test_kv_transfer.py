@@ -5,16 +5,15 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from workers.kv.codecs import make_codec
+from workers.kv.presets import make_codec
 from workers.kv.transfer import KVTransferError, KVTransport, block_nbytes, pack_blocks, unpack_blocks
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 3, 12, 4, 2, 8
 
 
 def make_pages(dtype: torch.dtype, seed: int | None):
-    codec = make_codec("auto", dtype, NUM_KV_HEADS, HEAD_DIM)
-    pages = [codec.allocate(NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, torch.device("cpu"))
-             for _ in range(NUM_LAYERS)]
+    codec = make_codec("auto", model_dtype=dtype, num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM)
+    pages = [codec.allocate(layer, NUM_BLOCKS, BLOCK_SIZE, torch.device("cpu")) for layer in range(NUM_LAYERS)]
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
         for layer in pages:
@@ -83,3 +82,23 @@ def test_unreachable_peer_is_a_clear_error():
     transport = KVTransport(timeout_s=2)
     with pytest.raises(KVTransferError, match="cannot reach KV peer"):
         transport.join_group(PeerEndpoint("127.0.0.1", 1), "nobody")
+
+
+def test_encoded_pages_round_trip_as_stored():
+    """A quantized codec's pages (uint8 codes + fp16 scales) travel byte for byte, at the accounted size."""
+    codec = make_codec("tq-k4v3", model_dtype=torch.float32, num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS,
+                       head_dim=HEAD_DIM)
+    source = [codec.allocate(layer, NUM_BLOCKS, BLOCK_SIZE, torch.device("cpu")) for layer in range(NUM_LAYERS)]
+    target = [codec.allocate(layer, NUM_BLOCKS, BLOCK_SIZE, torch.device("cpu")) for layer in range(NUM_LAYERS)]
+    generator = torch.Generator().manual_seed(3)
+    slots = torch.arange(NUM_BLOCKS * BLOCK_SIZE)
+    for pages in source:
+        codec.write(pages, slots, torch.randn(slots.numel(), NUM_KV_HEADS, HEAD_DIM, generator=generator),
+                    torch.randn(slots.numel(), NUM_KV_HEADS, HEAD_DIM, generator=generator))
+    assert block_nbytes(source) == BLOCK_SIZE * sum(codec.bytes_per_token(layer) for layer in range(NUM_LAYERS))
+    buffer = pack_blocks(source, [4, 1])
+    unpack_blocks(buffer, target, [0, 2])
+    for src, dst in zip(source, target):
+        for s, d in zip(src.tensors(), dst.tensors()):
+            assert s.dtype in (torch.uint8, torch.float16)
+            assert torch.equal(s[[4, 1]].view(torch.uint8), d[[0, 2]].view(torch.uint8))

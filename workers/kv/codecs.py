@@ -3,6 +3,7 @@
 Every page write and read goes through a codec so compressed formats plug in without touching
 the model or the scheduler. A codec owns its decode attention because a compressed codec must
 fuse dequantization into the kernel (never materialise a full-precision copy of the cache).
+Codecs may differ per layer (Block-GTQ budgets, layers left uncompressed), so pages know their layer.
 
 # N=blocks in the pool, S=block size (tokens), Hkv=KV heads, D=head dim, T=tokens written, Bd=decode sequences
 """
@@ -19,13 +20,20 @@ from kernels.paged_attention import paged_decode_attention
 
 @dataclass
 class LayerPages:
-    """One layer's share of the paged pool in the codec's storage format; block b is row b of every tensor."""
+    """One layer's share of the paged pool in the codec's storage format; block b is row b of every array."""
 
-    key: torch.Tensor  # [N, S, Hkv, *] codec storage
-    value: torch.Tensor  # [N, S, Hkv, *] codec storage
+    layer: int
+    arrays: dict[str, torch.Tensor]  # name -> [N, S, ...] codec storage (e.g. "key"/"value", or codes + scales)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.arrays[name]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.key, self.value)
+        return tuple(self.arrays.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.arrays.values())).device
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -33,10 +41,12 @@ class LayerPages:
 
 class KVCodec(ABC):
     name: str
+    # A lossless codec lets a fresh prompt attend to its K/V as computed; a lossy one makes every query attend
+    # to the decoded cache, so a token's output does not depend on how its prompt was chunked or transferred.
+    lossless: bool = True
 
     @abstractmethod
-    def allocate(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device) -> LayerPages: ...
+    def allocate(self, layer: int, num_blocks: int, block_size: int, device: torch.device) -> LayerPages: ...
 
     @abstractmethod
     def write(self, pages: LayerPages, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -56,46 +66,46 @@ class KVCodec(ABC):
         """Exact storage bytes one token costs in `layer`, metadata included."""
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class IdentityCodec(KVCodec):
     """Stores K/V as-is in a float dtype (fp32 / fp16 / bf16)."""
 
-    def __init__(self, dtype: torch.dtype, num_kv_heads: int, head_dim: int):
+    def __init__(self, dtype: torch.dtype, num_kv_heads: int, head_dim: int, lossless: bool = True):
         self.dtype = dtype
-        self.name = {v: k for k, v in _DTYPES.items()}[dtype]
-        self._num_kv_heads = num_kv_heads
-        self._head_dim = head_dim
+        self.lossless = lossless  # False when pages round the model's activations (fp16 pages, fp32 model)
+        self.name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
 
-    def allocate(self, num_blocks, block_size, num_kv_heads, head_dim, device) -> LayerPages:
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return LayerPages(key=torch.zeros(shape, dtype=self.dtype, device=device),
-                          value=torch.zeros(shape, dtype=self.dtype, device=device))
+    def allocate(self, layer, num_blocks, block_size, device) -> LayerPages:
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return LayerPages(layer, {"key": torch.zeros(shape, dtype=self.dtype, device=device),
+                                  "value": torch.zeros(shape, dtype=self.dtype, device=device)})
 
     def write(self, pages, slot_mapping, key, value) -> None:
-        num_kv_heads, head_dim = pages.key.shape[2], pages.key.shape[3]
-        pages.key.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(self.dtype))
-        pages.value.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(self.dtype))
+        write_identity(pages, slot_mapping, key, value)
 
     def gather(self, pages, block_ids):
-        num_kv_heads, head_dim = pages.key.shape[2], pages.key.shape[3]
-        return (pages.key[block_ids].reshape(-1, num_kv_heads, head_dim),
-                pages.value[block_ids].reshape(-1, num_kv_heads, head_dim))
+        return gather_identity(pages, block_ids)
 
     def decode_attention(self, query, pages, block_tables, seq_lens, scale):
-        out = paged_decode_attention(query.to(self.dtype), pages.key, pages.value, block_tables, seq_lens, scale)
+        out = paged_decode_attention(query.to(self.dtype), pages["key"], pages["value"], block_tables, seq_lens, scale)
         return out.to(query.dtype)
 
     def bytes_per_token(self, layer: int) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self._num_kv_heads * self._head_dim * element_size
+        return 2 * self.num_kv_heads * self.head_dim * element_size
 
 
-def make_codec(name: str, model_dtype: torch.dtype, num_kv_heads: int, head_dim: int) -> KVCodec:
-    """`auto` stores KV in the model's dtype; float names pick an identity codec of that dtype."""
-    if name == "auto":
-        return IdentityCodec(model_dtype, num_kv_heads, head_dim)
-    if name in _DTYPES:
-        return IdentityCodec(_DTYPES[name], num_kv_heads, head_dim)
-    raise ValueError(f"unknown kv codec {name!r}; available: auto, {', '.join(_DTYPES)}")
+def write_identity(pages: LayerPages, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    for name, tensor in (("key", key), ("value", value)):
+        storage = pages[name]
+        storage.view(-1, *storage.shape[2:]).index_copy_(0, slot_mapping, tensor.to(storage.dtype))
+
+
+def gather_identity(pages: LayerPages, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    key, value = pages["key"], pages["value"]
+    return key[block_ids].flatten(0, 1), value[block_ids].flatten(0, 1)

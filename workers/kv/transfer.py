@@ -45,7 +45,7 @@ def block_nbytes(pages: list[LayerPages]) -> int:
 
 def pack_blocks(pages: list[LayerPages], block_ids: list[int]) -> torch.Tensor:
     """[n blocks across L layers] -> one flat uint8 buffer, exactly n * block_nbytes(pages) long."""
-    index = torch.tensor(block_ids, dtype=torch.long, device=pages[0].key.device)
+    index = torch.tensor(block_ids, dtype=torch.long, device=pages[0].device)
     parts = [t.index_select(0, index).contiguous().view(torch.uint8).reshape(-1)
              for layer in pages for t in layer.tensors()]
     return torch.cat(parts)
@@ -56,7 +56,7 @@ def unpack_blocks(buffer: torch.Tensor, pages: list[LayerPages], block_ids: list
     expected = len(block_ids) * block_nbytes(pages)
     if buffer.numel() != expected:
         raise KVTransferError(f"KV buffer has {buffer.numel()} bytes, layout expects {expected}")
-    index = torch.tensor(block_ids, dtype=torch.long, device=pages[0].key.device)
+    index = torch.tensor(block_ids, dtype=torch.long, device=pages[0].device)
     offset = 0
     for layer in pages:
         for t in layer.tensors():
@@ -150,7 +150,7 @@ class KVTransport:
 
     def recv(self, group: dist.ProcessGroup, pages: list[LayerPages], block_ids: list[int], tag: int = 0) -> int:
         """Receive into the reserved blocks; returns bytes received."""
-        buffer = torch.empty(len(block_ids) * block_nbytes(pages), dtype=torch.uint8, device=pages[0].key.device)
+        buffer = torch.empty(len(block_ids) * block_nbytes(pages), dtype=torch.uint8, device=pages[0].device)
         try:
             group.recv([buffer], 1 - group.rank(), tag).wait(self.timeout)
         except Exception as exc:

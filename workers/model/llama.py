@@ -54,8 +54,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, hidden: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], pages: LayerPages,
-                codec: KVCodec, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, hidden: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [T, E] -> query [T, H, D], key [T, Hkv, D] (both rotated), value [T, Hkv, D]."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
         # q and k are adjacent in qkv: rotate them as one [T, H + Hkv, D] tensor (half the small ops).
@@ -64,8 +65,13 @@ class Attention(nn.Module):
             *rope_cos_sin)
         query, key = query_key.split((self.num_heads, self.num_kv_heads), dim=1)
         value = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        return query, key, value
+
+    def forward(self, hidden: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], pages: LayerPages,
+                codec: KVCodec, meta: AttentionMetadata) -> torch.Tensor:
+        query, key, value = self.project(hidden, rope_cos_sin)
         out = paged_attention(query, key, value, pages, codec, meta, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.o_proj(out.reshape(hidden.shape[0], self.q_size))
 
 
 class MLP(nn.Module):

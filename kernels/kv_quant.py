@@ -1,0 +1,495 @@
+# T=tokens, B=decode sequences, H=query heads, Hkv=KV heads, G=H//Hkv, D=head dim, N=blocks in the pool,
+# S=block size (tokens), M=max blocks per sequence, NB=code bytes per token per KV head, L=gathered tokens
+"""Encoded KV: encode (transform + quantize + pack) and paged decode attention that reads codes directly.
+
+The encoded format of one token of one KV head (the spec both the torch reference and the Triton
+kernels implement):
+
+* ``y = transform[h] @ (x - center[h])`` — a fixed per-head D x D map chosen by the codec (a random
+  rotation, optionally with per-channel normalisation and a channel permutation).
+* Channel ``j`` of ``y`` gets ``bits[h, j]`` in 1..8 bits. Its code sits at bit ``bitpos[h, j]`` of a
+  little-endian bit stream of NB bytes: byte ``bitpos >> 3``, shift ``bitpos & 7``; a code never spans
+  more than two bytes, so it is read as a 16-bit word ``b0 | b1 << 8``.
+* The decoded value is ``codebook[bits, code] * scale`` with one fp16 ``scale`` per token and head.
+  ``scale_mode`` "norm": the codes quantize ``y * sqrt(D) / |y|`` and the stored scale is
+  ``|y| / |codebook values|`` (norm-corrected: the decoded vector keeps the true norm).
+  ``scale_mode`` "absmax": the codes quantize ``y / scale`` with ``scale = max|y| / 127`` (int8).
+
+Attention never un-transforms keys: q.x = q.center + (transform^-T q).y, and the first term is the same
+for every key of a query, so softmax ignores it. The caller passes the transformed query; the output is
+in the transformed value space and the caller maps it back once per query (``center + transform^-1 o``).
+
+* ``reference_*`` — plain torch; the spec and the production path on CPU.
+* ``triton_*``    — Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+* ``kv_encode`` / ``quant_paged_decode_attention`` — dispatchers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton is optional: CPU-only machines must still import this module.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+# Decode chunks of about this many elements on the CPU path (same reasoning as paged_attention).
+_CPU_CHUNK_ELEMS = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CodeLayout:
+    """Where each transformed channel's code lives and how it decodes (one side, K or V, of one layer)."""
+
+    bits: torch.Tensor  # [Hkv, D] int32, 1..8
+    bitpos: torch.Tensor  # [Hkv, D] int32, start bit of the channel's code in the token's stream
+    codebook: torch.Tensor  # [9, 256] float32, row b = the 2**b levels for b-bit channels
+    boundaries: torch.Tensor  # [9, 255] float32, row b = the 2**b - 1 decision thresholds (+inf padded)
+    num_bytes: int  # NB
+    scale_mode: str  # "norm" | "absmax"
+
+
+def _channel_codes(u: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
+    """u [T, Hkv, D] normalised values -> codes [T, Hkv, D] int32 (index of the nearest level)."""
+    codes = torch.empty(u.shape, dtype=torch.int32, device=u.device)
+    for bits in layout.bits.unique().tolist():
+        mask = layout.bits == bits  # [Hkv, D]
+        thresholds = layout.boundaries[bits, : 2**bits - 1].contiguous()
+        values = u[:, mask]  # [T, C]
+        codes[:, mask] = torch.searchsorted(thresholds, values.contiguous(), right=False).to(torch.int32)
+    return codes
+
+
+def reference_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor,
+                        layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv] float16)."""
+    T, Hkv, D = x.shape
+    y = torch.einsum("hij,thj->thi", transform, x.float() - center)  # [T, Hkv, D]
+    if layout.scale_mode == "norm":
+        norm = y.norm(dim=-1, keepdim=True)  # [T, Hkv, 1]
+        u = y * (D ** 0.5) / norm.clamp_min(1e-30)
+    else:
+        absmax = y.abs().amax(dim=-1, keepdim=True)
+        u = y / (absmax / 127).clamp_min(1e-30)
+    codes = _channel_codes(u, layout)
+    levels = layout.codebook[layout.bits.long(), codes.long()]  # [T, Hkv, D]
+    if layout.scale_mode == "norm":
+        scale = norm / levels.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    else:
+        scale = absmax / 127
+    # Pack: shift each code to its bit position; the low byte lands on byte bitpos>>3, the high on the next.
+    shifted = codes << (layout.bitpos & 7)  # [T, Hkv, D] < 2**15
+    byte = (layout.bitpos >> 3).long().expand(T, Hkv, D)
+    packed = torch.zeros(T, Hkv, layout.num_bytes + 1, dtype=torch.int32, device=x.device)
+    packed.scatter_add_(2, byte, shifted & 0xFF)
+    packed.scatter_add_(2, byte + 1, shifted >> 8)  # bits never overlap, so add == or
+    return packed[..., : layout.num_bytes].to(torch.uint8), scale.squeeze(-1).to(torch.float16)
+
+
+def reference_kv_decode(codes: torch.Tensor, scales: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
+    """codes [..., Hkv, NB] uint8, scales [..., Hkv] -> transformed values y [..., Hkv, D] float32."""
+    Hkv, D = layout.bits.shape
+    lead = codes.shape[:-2]
+    codes = codes.reshape(-1, Hkv, layout.num_bytes).long()
+    byte = (layout.bitpos >> 3).long()  # [Hkv, D]
+    index = byte.expand(codes.shape[0], Hkv, D)
+    low = codes.gather(2, index)
+    # The second byte of a code that ends in the last byte is never needed: read byte NB-1 again, masked.
+    high = codes.gather(2, (index + 1).clamp_max(layout.num_bytes - 1)) * (index + 1 < layout.num_bytes)
+    word = (low | (high << 8)) >> (layout.bitpos & 7).long()
+    code = word & ((1 << layout.bits.long()) - 1)
+    values = layout.codebook[layout.bits.long(), code] * scales.reshape(-1, Hkv, 1).float()
+    return values.reshape(*lead, Hkv, D)
+
+
+def reference_quant_paged_decode_attention(
+    query: torch.Tensor,  # [B, H, D] transformed by the key transform (see module doc)
+    key_codes: torch.Tensor,  # [N, S, Hkv, NBk] uint8
+    key_scales: torch.Tensor,  # [N, S, Hkv] float16
+    key_layout: CodeLayout,
+    value_codes: torch.Tensor,  # [N, S, Hkv, NBv] uint8
+    value_scales: torch.Tensor,  # [N, S, Hkv] float16
+    value_layout: CodeLayout,
+    block_tables: torch.Tensor,  # [B, M] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+) -> torch.Tensor:
+    """-> [B, H, D] float32 in the transformed value space. Decodes blocks chunk by chunk (never the whole cache)."""
+    B, H, D = query.shape
+    N, S, Hkv, _ = key_codes.shape
+    G = H // Hkv
+    if B == 0:
+        return query.new_empty(B, H, D, dtype=torch.float32)
+    num_blocks = -(-int(seq_lens.max()) // S)
+    L = num_blocks * S
+    chunk_blocks = max(1, min(num_blocks, _CPU_CHUNK_ELEMS // (B * S * Hkv * D)))
+    table = block_tables[:, :num_blocks].long()
+    q = (query.float() * scale).view(B, Hkv, G, D)
+    invalid = torch.arange(L, device=query.device)[None, :] >= seq_lens[:, None].long()  # [B, L]
+
+    def decoded(codes, scales, layout, c0, c1) -> torch.Tensor:
+        idx = table[:, c0:c1].reshape(-1)
+        return reference_kv_decode(codes[idx], scales[idx], layout).view(B, (c1 - c0) * S, Hkv, D)
+
+    scores = torch.empty(B, Hkv, G, L, dtype=torch.float32, device=query.device)
+    for c0 in range(0, num_blocks, chunk_blocks):
+        c1 = min(c0 + chunk_blocks, num_blocks)
+        keys = decoded(key_codes, key_scales, key_layout, c0, c1)  # [B, l, Hkv, D]
+        scores[..., c0 * S: c1 * S] = torch.einsum("bhgd,blhd->bhgl", q, keys)
+    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.zeros(B, Hkv, G, D, dtype=torch.float32, device=query.device)
+    for c0 in range(0, num_blocks, chunk_blocks):
+        c1 = min(c0 + chunk_blocks, num_blocks)
+        values = decoded(value_codes, value_scales, value_layout, c0, c1)
+        out += torch.einsum("bhgl,blhd->bhgd", probs[..., c0 * S: c1 * S], values)
+    return out.view(B, H, D)
+
+
+def kv_encode(x, transform, center, layout):
+    if x.is_cuda and _HAS_TRITON:
+        return triton_kv_encode(x, transform, center, layout)
+    return reference_kv_encode(x, transform, center, layout)
+
+
+def quant_paged_decode_attention(query, key_codes, key_scales, key_layout, value_codes, value_scales, value_layout,
+                                 block_tables, seq_lens, scale):
+    if query.is_cuda and _HAS_TRITON:
+        return triton_quant_paged_decode_attention(query, key_codes, key_scales, key_layout, value_codes,
+                                                   value_scales, value_layout, block_tables, seq_lens, scale)
+    return reference_quant_paged_decode_attention(query, key_codes, key_scales, key_layout, value_codes,
+                                                  value_scales, value_layout, block_tables, seq_lens, scale)
+
+
+def _check_layout(layout: CodeLayout, num_kv_heads: int, head_dim: int, code_bytes: int, side: str) -> None:
+    """Cheap metadata checks: on the GPU a layout that does not fit the cache is an out-of-bounds read."""
+    assert tuple(layout.bits.shape) == (num_kv_heads, head_dim), (
+        f"{side} layout bits shape {tuple(layout.bits.shape)} != (Hkv={num_kv_heads}, D={head_dim})"
+    )
+    assert tuple(layout.bitpos.shape) == (num_kv_heads, head_dim), (
+        f"{side} layout bitpos shape {tuple(layout.bitpos.shape)} != (Hkv={num_kv_heads}, D={head_dim})"
+    )
+    assert tuple(layout.codebook.shape) == (9, 256), (
+        f"{side} codebook must be [9, 256], got {tuple(layout.codebook.shape)}"
+    )
+    assert tuple(layout.boundaries.shape) == (9, 255), (
+        f"{side} boundaries must be [9, 255], got {tuple(layout.boundaries.shape)}"
+    )
+    assert layout.num_bytes == code_bytes, f"{side} layout has NB={layout.num_bytes}, codes have {code_bytes} bytes"
+    assert layout.scale_mode in ("norm", "absmax"), f"unknown scale_mode {layout.scale_mode!r}"
+
+
+def _layout_tensors(layout: CodeLayout) -> tuple[torch.Tensor, ...]:
+    """The layout's tables in the dtypes and (contiguous) layouts the kernels index them with; tiny copies at most."""
+    return (layout.bits.to(torch.int32).contiguous(), layout.bitpos.to(torch.int32).contiguous(),
+            layout.codebook.float().contiguous(), layout.boundaries.float().contiguous())
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _kv_encode_kernel(
+        x_ptr, transform_ptr, center_ptr,
+        bits_ptr, bitpos_ptr, codebook_ptr, boundaries_ptr,
+        codes_ptr, scales_ptr,
+        sqrt_head_dim,
+        stride_xt, stride_xh,
+        stride_ct, stride_ch,
+        stride_st,
+        stride_codebook, stride_boundaries,
+        D: tl.constexpr, NUM_BYTES: tl.constexpr, ABSMAX: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr,
+    ):
+        # One program per (token, KV head): the whole D-vector is needed at once (its norm or absmax
+        # sets the scale, and every channel's code lands in a shared byte stream).
+        token = tl.program_id(0).to(tl.int64)  # int64: token * stride overflows int32 for big batches
+        kvh = tl.program_id(1)
+
+        offs_d = tl.arange(0, BLOCK_D)  # BLOCK_D = D rounded up to a power of two
+        d_mask = offs_d < D
+
+        x = tl.load(x_ptr + token * stride_xt + kvh * stride_xh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        center = tl.load(center_ptr + kvh * D + offs_d, mask=d_mask, other=0.0)
+        centered = x - center
+        # y = transform[h] @ centered as a broadcast-multiply-reduce: one matvec per program, and tl.dot
+        # would need a 16-row operand. Padded rows/cols load 0, so padded channels of y are exactly 0.
+        transform = tl.load(
+            transform_ptr + kvh * D * D + offs_d[:, None] * D + offs_d[None, :],
+            mask=d_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        y = tl.sum(transform * centered[None, :], axis=1)  # [BLOCK_D]
+
+        # The *_rn forms are IEEE-rounded like torch (plain sqrt and / are approximate on the GPU), so
+        # codes only differ from the reference where the matvec's summation order moves y across a threshold.
+        if ABSMAX:
+            absmax = tl.max(tl.abs(y), axis=0)
+            step = tl.div_rn(absmax, 127.0)
+            u = tl.div_rn(y, tl.maximum(step, 1e-30))  # the clamp keeps a zero vector at u = 0, not NaN
+        else:
+            norm = tl.sqrt_rn(tl.sum(y * y, axis=0))
+            u = tl.div_rn(y * sqrt_head_dim, tl.maximum(norm, 1e-30))
+
+        # code = number of the channel's thresholds strictly below u (searchsorted, right=False), found by
+        # binary search over the ascending row: 8 gathered loads per channel instead of a [D, 256] compare
+        # tile (which would not fit in registers on the GPU for D >= 128). Only the first 2**bits - 1
+        # entries of the boundaries row are thresholds, so steps past them are never taken.
+        bits = tl.load(bits_ptr + kvh * D + offs_d, mask=d_mask, other=1)
+        num_thresholds = (1 << bits) - 1
+        code = tl.zeros([BLOCK_D], tl.int32)  # stays 0 on padded channels
+        for step_log2 in tl.static_range(7, -1, -1):
+            candidate = code + (1 << step_log2)
+            in_row = (candidate <= num_thresholds) & d_mask
+            threshold = tl.load(boundaries_ptr + bits * stride_boundaries + candidate - 1, mask=in_row,
+                                other=float("inf"))
+            code = tl.where(threshold < u, candidate, code)
+        level = tl.load(codebook_ptr + bits * stride_codebook + code, mask=d_mask, other=0.0)
+
+        if ABSMAX:
+            token_scale = step
+        else:
+            # Norm-corrected: decoded vector = levels * scale has y's norm, not the codebook's.
+            token_scale = tl.div_rn(norm, tl.maximum(tl.sqrt_rn(tl.sum(level * level, axis=0)), 1e-30))
+        tl.store(scales_ptr + token * stride_st + kvh, token_scale.to(tl.float16))
+
+        # Pack: the code shifted to its bit offset is < 2**15; its low byte lands on byte bitpos >> 3 and its
+        # high byte on the next one. Codes never share bits, so summing the contributions per byte is an OR.
+        bitpos = tl.load(bitpos_ptr + kvh * D + offs_d, mask=d_mask, other=0)
+        shifted = code << (bitpos & 7)
+        byte = tl.where(d_mask, bitpos >> 3, -2)  # -2: a padded channel matches no byte, not even as high part
+        offs_byte = tl.arange(0, BLOCK_NB)  # BLOCK_NB = NB rounded up to a power of two
+        low_part = tl.where(byte[None, :] == offs_byte[:, None], (shifted & 0xFF)[None, :], 0)
+        high_part = tl.where(byte[None, :] + 1 == offs_byte[:, None], (shifted >> 8)[None, :], 0)
+        packed = tl.sum(low_part + high_part, axis=1)  # [BLOCK_NB], each < 256
+        tl.store(codes_ptr + token * stride_ct + kvh * stride_ch + offs_byte, packed.to(tl.uint8),
+                 mask=offs_byte < NUM_BYTES)
+
+    @triton.jit
+    def _load_channel_layout(bits_ptr, bitpos_ptr, kvh, offs_d, d_mask, D: tl.constexpr, NUM_BYTES: tl.constexpr,
+                             stride_codebook):
+        """Per-channel decode constants of one KV head, [BLOCK_D] each; loaded once per program."""
+        bits = tl.load(bits_ptr + kvh * D + offs_d, mask=d_mask, other=1)
+        bitpos = tl.load(bitpos_ptr + kvh * D + offs_d, mask=d_mask, other=0)
+        byte = bitpos >> 3
+        shift = bitpos & 7
+        code_mask = (1 << bits) - 1
+        codebook_row = bits * stride_codebook
+        # A code ending in the last byte has no second byte to read (the stream is exactly NB bytes).
+        has_high_byte = (byte + 1 < NUM_BYTES) & d_mask
+        return byte, shift, code_mask, codebook_row, has_high_byte
+
+    @triton.jit
+    def _decode_tile(codes_ptr, scales_ptr, code_rows, scale_rows, tok_mask, d_mask,
+                     byte, shift, code_mask, codebook_ptr, codebook_row, has_high_byte):
+        """Decoded values [BLOCK_S, BLOCK_D] float32 of one block's tokens; masked tokens/channels are 0."""
+        low = tl.load(codes_ptr + code_rows[:, None] + byte[None, :],
+                      mask=tok_mask[:, None] & d_mask[None, :], other=0).to(tl.int32)
+        high = tl.load(codes_ptr + code_rows[:, None] + byte[None, :] + 1,
+                       mask=tok_mask[:, None] & has_high_byte[None, :], other=0).to(tl.int32)
+        code = ((low | (high << 8)) >> shift[None, :]) & code_mask[None, :]
+        # code < 2**bits <= 256, so the gather stays inside the codebook row even for garbage bytes.
+        level = tl.load(codebook_ptr + codebook_row[None, :] + code)
+        # other=0.0: an unused slot's scale may be inf/NaN garbage; a 0 scale keeps it out of the math.
+        token_scale = tl.load(scales_ptr + scale_rows, mask=tok_mask, other=0.0).to(tl.float32)
+        return tl.where(d_mask[None, :], level * token_scale[:, None], 0.0)
+
+    @triton.jit
+    def _quant_paged_decode_kernel(
+        q_ptr,
+        k_codes_ptr, k_scales_ptr, k_bits_ptr, k_bitpos_ptr, k_codebook_ptr,
+        v_codes_ptr, v_scales_ptr, v_bits_ptr, v_bitpos_ptr, v_codebook_ptr,
+        bt_ptr, sl_ptr, out_ptr,
+        scale,
+        stride_qb, stride_qh,
+        stride_kcn, stride_kcs, stride_kch,
+        stride_ksn, stride_kss, stride_ksh,
+        stride_vcn, stride_vcs, stride_vch,
+        stride_vsn, stride_vss, stride_vsh,
+        stride_k_codebook, stride_v_codebook,
+        stride_btb,
+        stride_ob, stride_oh,
+        G: tl.constexpr, D: tl.constexpr, K_NUM_BYTES: tl.constexpr, V_NUM_BYTES: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Same schedule as _paged_decode_kernel: one program per (sequence, KV head) serving its G query
+        # heads, so each block's codes are read and decoded once for the whole group.
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+
+        offs_g = tl.arange(0, BLOCK_G)  # BLOCK_G = G rounded up to a power of two
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)  # BLOCK_D = D rounded up to a power of two
+        g_mask = offs_g < G
+        d_mask = offs_d < D
+        heads = kvh * G + offs_g
+
+        q = tl.load(
+            q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        q = q * scale  # padded rows/cols are 0, so their scores are finite (0), never NaN
+
+        k_byte, k_shift, k_code_mask, k_codebook_row, k_has_high = _load_channel_layout(
+            k_bits_ptr, k_bitpos_ptr, kvh, offs_d, d_mask, D, K_NUM_BYTES, stride_k_codebook)
+        v_byte, v_shift, v_code_mask, v_codebook_row, v_has_high = _load_channel_layout(
+            v_bits_ptr, v_bitpos_ptr, kvh, offs_d, d_mask, D, V_NUM_BYTES, stride_v_codebook)
+
+        seq_len = tl.load(sl_ptr + seq)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of scores
+        l_i = tl.zeros([BLOCK_G], tl.float32)  # running softmax denominator
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running probs @ V
+
+        # Only the sequence's own blocks are visited, so block_tables padding is never read.
+        # Each visited block holds >= 1 valid token, so m_i is finite after the first one.
+        for j in range(0, tl.cdiv(seq_len, BLOCK_S)):
+            # int64: block * stride overflows int32 for pools over 2^31 bytes.
+            block = tl.load(bt_ptr + seq * stride_btb + j).to(tl.int64)
+            tok_mask = j * BLOCK_S + offs_s < seq_len
+            k_hat = _decode_tile(
+                k_codes_ptr, k_scales_ptr,
+                block * stride_kcn + offs_s * stride_kcs + kvh * stride_kch,
+                block * stride_ksn + offs_s * stride_kss + kvh * stride_ksh,
+                tok_mask, d_mask, k_byte, k_shift, k_code_mask, k_codebook_ptr, k_codebook_row, k_has_high)
+            v_hat = _decode_tile(
+                v_codes_ptr, v_scales_ptr,
+                block * stride_vcn + offs_s * stride_vcs + kvh * stride_vch,
+                block * stride_vsn + offs_s * stride_vss + kvh * stride_vsh,
+                tok_mask, d_mask, v_byte, v_shift, v_code_mask, v_codebook_ptr, v_codebook_row, v_has_high)
+
+            # [G, S] scores via broadcast-multiply-reduce (see _paged_decode_kernel for why not tl.dot).
+            s = tl.sum(q[:, None, :] * k_hat[None, :, :], axis=2)
+            s = tl.where(tok_mask[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)  # rescales what was accumulated under the old max
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v_hat[None, :, :], axis=1)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            out,
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+
+
+def triton_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor,
+                     layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``reference_kv_encode``: x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv] float16).
+
+    Needs CUDA, or TRITON_INTERPRET=1 for CPU tensors. transform/center are used in float32.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("triton_kv_encode: triton is not installed; use reference_kv_encode")
+    assert x.dim() == 3, f"x must be [T, Hkv, D], got shape {tuple(x.shape)}"
+    T, Hkv, D = x.shape
+    assert tuple(transform.shape) == (Hkv, D, D), (
+        f"transform must be [Hkv={Hkv}, D={D}, D], got {tuple(transform.shape)}"
+    )
+    assert tuple(center.shape) == (Hkv, D), f"center must be [Hkv={Hkv}, D={D}], got {tuple(center.shape)}"
+    _check_layout(layout, Hkv, D, layout.num_bytes, "encode")
+    if x.stride(-1) != 1:  # the kernel assumes unit stride along D; views of a projection usually have it
+        x = x.contiguous()
+    transform = transform.float().contiguous()
+    center = center.float().contiguous()
+    bits, bitpos, codebook, boundaries = _layout_tensors(layout)
+
+    codes = torch.empty(T, Hkv, layout.num_bytes, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(T, Hkv, dtype=torch.float16, device=x.device)
+    if T == 0:
+        return codes, scales
+    _kv_encode_kernel[(T, Hkv)](
+        x, transform, center,
+        bits, bitpos, codebook, boundaries,
+        codes, scales,
+        float(D ** 0.5),
+        x.stride(0), x.stride(1),
+        codes.stride(0), codes.stride(1),
+        scales.stride(0),
+        codebook.stride(0), boundaries.stride(0),
+        D=D, NUM_BYTES=layout.num_bytes, ABSMAX=layout.scale_mode == "absmax",
+        BLOCK_D=triton.next_power_of_2(D), BLOCK_NB=triton.next_power_of_2(layout.num_bytes),
+    )
+    return codes, scales
+
+
+def triton_quant_paged_decode_attention(
+    query: torch.Tensor,  # [B, H, D] transformed by the key transform (see module doc)
+    key_codes: torch.Tensor,  # [N, S, Hkv, NBk] uint8
+    key_scales: torch.Tensor,  # [N, S, Hkv] float16
+    key_layout: CodeLayout,
+    value_codes: torch.Tensor,  # [N, S, Hkv, NBv] uint8
+    value_scales: torch.Tensor,  # [N, S, Hkv] float16
+    value_layout: CodeLayout,
+    block_tables: torch.Tensor,  # [B, M] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+) -> torch.Tensor:
+    """Triton twin of ``reference_quant_paged_decode_attention`` -> [B, H, D] float32 (transformed value space).
+
+    Needs CUDA, or TRITON_INTERPRET=1 for CPU tensors.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError(
+            "triton_quant_paged_decode_attention: triton is not installed; use reference_quant_paged_decode_attention")
+    # A bad shape here is an out-of-bounds read on the GPU, not an exception: check first.
+    assert query.dim() == 3, f"query must be [B, H, D], got shape {tuple(query.shape)}"
+    B, H, D = query.shape
+    assert key_codes.dim() == 4 and value_codes.dim() == 4, "key/value codes must be [N, S, Hkv, NB]"
+    N, S, Hkv, _ = key_codes.shape
+    assert tuple(value_codes.shape[:3]) == (N, S, Hkv), (
+        f"value codes {tuple(value_codes.shape)} do not match key codes {tuple(key_codes.shape)} in [N, S, Hkv]"
+    )
+    assert key_codes.dtype == torch.uint8 and value_codes.dtype == torch.uint8, "codes must be uint8"
+    assert tuple(key_scales.shape) == (N, S, Hkv) and tuple(value_scales.shape) == (N, S, Hkv), (
+        f"scales must be [N={N}, S={S}, Hkv={Hkv}], got {tuple(key_scales.shape)}, {tuple(value_scales.shape)}"
+    )
+    assert Hkv > 0 and H % Hkv == 0, f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}"
+    _check_layout(key_layout, Hkv, D, key_codes.shape[3], "key")
+    _check_layout(value_layout, Hkv, D, value_codes.shape[3], "value")
+    assert S > 0 and S & (S - 1) == 0, f"block size S={S} must be a power of two (it is the kernel's tile height)"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == B, (
+        f"block_tables must be [B={B}, M], got shape {tuple(block_tables.shape)}"
+    )
+    assert block_tables.dtype == torch.int32, f"block_tables must be int32, got {block_tables.dtype}"
+    assert seq_lens.shape == (B,) and seq_lens.dtype == torch.int32, "seq_lens must be [B] int32"
+    # Copying the small query/tables is cheap, copying the pool is not: codes must already be byte-contiguous.
+    assert key_codes.stride(-1) == 1 and value_codes.stride(-1) == 1, "key/value codes must be contiguous along NB"
+    G = H // Hkv
+    query = query.contiguous()
+    block_tables = block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    k_bits, k_bitpos, k_codebook, _ = _layout_tensors(key_layout)
+    v_bits, v_bitpos, v_codebook, _ = _layout_tensors(value_layout)
+
+    out = torch.empty(B, H, D, dtype=torch.float32, device=query.device)
+    if B == 0:
+        return out
+    _quant_paged_decode_kernel[(B, Hkv)](
+        query,
+        key_codes, key_scales, k_bits, k_bitpos, k_codebook,
+        value_codes, value_scales, v_bits, v_bitpos, v_codebook,
+        block_tables, seq_lens, out,
+        float(scale),
+        query.stride(0), query.stride(1),
+        key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
+        key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
+        value_codes.stride(0), value_codes.stride(1), value_codes.stride(2),
+        value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
+        k_codebook.stride(0), v_codebook.stride(0),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        G=G, D=D, K_NUM_BYTES=key_layout.num_bytes, V_NUM_BYTES=value_layout.num_bytes,
+        BLOCK_G=triton.next_power_of_2(G), BLOCK_S=S, BLOCK_D=triton.next_power_of_2(D),
+    )
+    return out

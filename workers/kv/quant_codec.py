@@ -1,0 +1,89 @@
+"""QuantCodec: int8, TurboQuant and Block-GTQ pages, one SidePlan per side (K, V) per layer.
+
+Layers named in ``exclude_layers`` stay fp16 (the first and last layers are often the most sensitive).
+Pages of a quantized layer hold code bytes and one fp16 scale per token and KV head; decode attention
+reads the codes directly (dequantization fused, see kernels/kv_quant.py), with the query moved into the
+keys' transformed space instead of the keys moved back.
+
+# T=tokens written, Bd=decode sequences, H=query heads, Hkv=KV heads, G=H//Hkv, D=head dim, N=blocks, S=block size
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.kv_quant import kv_encode, quant_paged_decode_attention, reference_kv_decode
+from kernels.paged_attention import paged_decode_attention
+from workers.kv.codecs import KVCodec, LayerPages, gather_identity, write_identity
+from workers.kv.quant_plan import SidePlan
+
+
+class QuantCodec(KVCodec):
+    lossless = False
+
+    def __init__(self, name: str, plans: list[tuple[SidePlan, SidePlan] | None], num_kv_heads: int, head_dim: int):
+        self.name = name
+        self.plans = plans  # per layer: (key plan, value plan), or None for an fp16 layer
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+
+    def allocate(self, layer, num_blocks, block_size, device) -> LayerPages:
+        plan = self.plans[layer]
+        if plan is None:
+            shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+            return LayerPages(layer, {"key": torch.zeros(shape, dtype=torch.float16, device=device),
+                                      "value": torch.zeros(shape, dtype=torch.float16, device=device)})
+        arrays = {}
+        for side, side_plan in zip(("key", "value"), plan):
+            arrays[f"{side}_codes"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
+                                                  side_plan.layout.num_bytes, dtype=torch.uint8, device=device)
+            arrays[f"{side}_scales"] = torch.zeros(num_blocks, block_size, self.num_kv_heads, dtype=torch.float16,
+                                                   device=device)
+        return LayerPages(layer, arrays)
+
+    def write(self, pages, slot_mapping, key, value) -> None:
+        plan = self.plans[pages.layer]
+        if plan is None:
+            write_identity(pages, slot_mapping, key, value)
+            return
+        for side, tensor, side_plan in (("key", key, plan[0]), ("value", value, plan[1])):
+            codes, scales = kv_encode(tensor, side_plan.transform, side_plan.center, side_plan.layout)
+            code_pages, scale_pages = pages[f"{side}_codes"], pages[f"{side}_scales"]
+            code_pages.view(-1, *code_pages.shape[2:]).index_copy_(0, slot_mapping, codes)
+            scale_pages.view(-1, self.num_kv_heads).index_copy_(0, slot_mapping, scales)
+
+    def gather(self, pages, block_ids):
+        plan = self.plans[pages.layer]
+        if plan is None:
+            return gather_identity(pages, block_ids)
+        decoded = []
+        for side, side_plan in zip(("key", "value"), plan):
+            y = reference_kv_decode(pages[f"{side}_codes"][block_ids], pages[f"{side}_scales"][block_ids],
+                                    side_plan.layout).flatten(0, 1)  # [n*S, Hkv, D] transformed
+            decoded.append(side_plan.center + torch.einsum("hij,thj->thi", side_plan.inverse, y))
+        return decoded[0], decoded[1]
+
+    def decode_attention(self, query, pages, block_tables, seq_lens, scale):
+        plan = self.plans[pages.layer]
+        if plan is None:
+            out = paged_decode_attention(query.to(torch.float16), pages["key"], pages["value"], block_tables,
+                                         seq_lens, scale)
+            return out.to(query.dtype)
+        key_plan, value_plan = plan
+        num_seqs, num_heads, head_dim = query.shape
+        grouped = query.float().view(num_seqs, self.num_kv_heads, num_heads // self.num_kv_heads, head_dim)
+        # q.x = q.center + (inverse^T q).y: only the second term differs between keys, so it is all softmax needs.
+        moved = torch.einsum("hji,bhgj->bhgi", key_plan.inverse, grouped).reshape(num_seqs, num_heads, head_dim)
+        out = quant_paged_decode_attention(moved, pages["key_codes"], pages["key_scales"], key_plan.layout,
+                                           pages["value_codes"], pages["value_scales"], value_plan.layout,
+                                           block_tables, seq_lens, scale)
+        # Probabilities sum to 1, so the value center comes back whole and the inverse map is applied once.
+        out = out.view(num_seqs, self.num_kv_heads, -1, head_dim)
+        out = value_plan.center[None, :, None, :] + torch.einsum("hij,bhgj->bhgi", value_plan.inverse, out)
+        return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+
+    def bytes_per_token(self, layer: int) -> int:
+        plan = self.plans[layer]
+        if plan is None:
+            return 2 * self.num_kv_heads * self.head_dim * 2
+        return plan[0].bytes_per_token + plan[1].bytes_per_token

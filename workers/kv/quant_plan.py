@@ -1,0 +1,94 @@
+"""SidePlan: the fixed per-head map and code layout that encode one side (K or V) of one layer.
+
+Built from a bit width per *original* channel (uniform for TurboQuant, allocated for Block-GTQ) and an
+optional calibrated per-channel center and spread:
+
+    y = R @ P @ diag(1 / sigma) @ (x - center)
+
+* ``center`` — subtracting a per-channel mean is exact for attention (q.center shifts every logit of a
+  query equally; for values, the probabilities sum to 1) and removes the large DC component that RoPE
+  leaves in low-frequency key channels.
+* ``sigma`` — puts every channel on the same scale so equal bits mean equal error.
+* ``P`` — sorts channels by bit width, so each width is one contiguous group.
+* ``R`` — a random rotation inside each group (randomised Hadamard for power-of-two widths, a seeded
+  Haar-random orthogonal matrix otherwise): it spreads outliers so the Gaussian codebook fits.
+
+# Hkv=KV heads, D=head dim
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.kv_quant import CodeLayout
+from workers.kv.codebooks import codebook_tables
+
+
+@dataclass(frozen=True)
+class SidePlan:
+    transform: torch.Tensor  # [Hkv, D, D] y = transform @ (x - center)
+    inverse: torch.Tensor  # [Hkv, D, D] x = center + inverse @ y
+    center: torch.Tensor  # [Hkv, D]
+    layout: CodeLayout
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Code bytes plus one fp16 scale, per KV head."""
+        return self.layout.bits.shape[0] * (self.layout.num_bytes + 2)
+
+
+def _hadamard(size: int) -> torch.Tensor:
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix / size**0.5
+
+
+def random_rotation(size: int, generator: torch.Generator) -> torch.Tensor:
+    """A [size, size] orthogonal float64 matrix: randomised Hadamard when size is a power of two."""
+    if size & (size - 1) == 0:
+        signs = torch.randint(0, 2, (size,), generator=generator, dtype=torch.float64) * 2 - 1
+        return _hadamard(size) * signs[None, :]
+    gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))[None, :]  # Haar-distributed
+
+
+def build_side_plan(bits: torch.Tensor, *, center: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+                    rotate: bool = True, codebook: str = "gaussian", scale_mode: str = "norm", seed: int = 0,
+                    device: torch.device = torch.device("cpu")) -> SidePlan:
+    """bits [Hkv, D] int per original channel (1..8) -> the plan. Every head gets its own rotation."""
+    num_kv_heads, head_dim = bits.shape
+    bits = bits.to(torch.int64).cpu()
+    center = torch.zeros(num_kv_heads, head_dim) if center is None else center.float().cpu()
+    sigma = torch.ones(num_kv_heads, head_dim) if sigma is None else sigma.float().cpu().clamp_min(1e-6)
+    generator = torch.Generator().manual_seed(seed)
+    transforms, inverses, sorted_bits = [], [], []
+    for head in range(num_kv_heads):
+        # Stable sort, widest first: P maps transformed slot j to original channel order[j].
+        order = torch.sort(-bits[head], stable=True).indices
+        permute = torch.zeros(head_dim, head_dim, dtype=torch.float64)
+        permute[torch.arange(head_dim), order] = 1.0
+        head_bits = bits[head, order]
+        rotation = torch.eye(head_dim, dtype=torch.float64)
+        if rotate:
+            for width in head_bits.unique().tolist():
+                members = (head_bits == width).nonzero().flatten()
+                start, size = int(members[0]), members.numel()
+                rotation[start:start + size, start:start + size] = random_rotation(size, generator)
+        scale = sigma[head].double()
+        transforms.append(rotation @ permute / scale[None, :])
+        inverses.append(scale[:, None] * permute.T @ rotation.T)
+        sorted_bits.append(head_bits)
+    sorted_bits = torch.stack(sorted_bits)  # [Hkv, D]
+    bitpos = torch.cumsum(sorted_bits, dim=1) - sorted_bits
+    # Every head of a layer gets the same byte width, so pages stay one dense tensor.
+    num_bytes = int(-(-sorted_bits.sum(dim=1).max() // 8))
+    levels, thresholds = codebook_tables(codebook, device)
+    layout = CodeLayout(bits=sorted_bits.to(torch.int32).to(device), bitpos=bitpos.to(torch.int32).to(device),
+                        codebook=levels, boundaries=thresholds, num_bytes=num_bytes, scale_mode=scale_mode)
+    return SidePlan(transform=torch.stack(transforms).float().to(device),
+                    inverse=torch.stack(inverses).float().to(device),
+                    center=center.to(device), layout=layout)

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 BASELINE = "float16"
-DEFAULT_PRESETS = ("int8", "tq-k8v4", "tq-k4v4", "tq-k4v3", "tq-k3v3", "tq-k2v2",
-                   "gtq-4.0", "gtq-3.5", "gtq-3.0", "gtq-2.5")
+DEFAULT_PRESETS = ("int8", "tq-k8v4", "tq-k4v4", "tq-k4v3", "tq-k3v3", "tq-k2v2", "gtq-k8v4",
+                   "gtq-4.0", "gtq-k4v3", "gtq-k3v4", "gtq-3.0", "gtq-2.5")
 NEEDLE = "The secret passkey is {key}. Remember it: {key} is the secret passkey."
 QUESTION = "\n\nQuestion: What is the secret passkey mentioned above?\nAnswer: The secret passkey is"
 

@@ -1,5 +1,6 @@
-# T=tokens, B=decode sequences, H=query heads, Hkv=KV heads, G=H//Hkv, D=head dim, N=blocks in the pool,
-# S=block size (tokens), M=max blocks per sequence, NB=code bytes per token per KV head, L=gathered tokens
+# T=tokens, B=decode sequences, H=query heads, Hkv=KV heads, G=H//Hkv, D=head dim, N=blocks,
+# S=block size (tokens), M=max blocks per sequence, NB=code bytes per token per KV head, NG=scale groups per head,
+# L=gathered tokens
 """Encoded KV: encode (transform + quantize + pack) and paged decode attention that reads codes directly.
 
 The encoded format of one token of one KV head (the spec both the torch reference and the Triton
@@ -10,10 +11,14 @@ kernels implement):
 * Channel ``j`` of ``y`` gets ``bits[h, j]`` in 1..8 bits. Its code sits at bit ``bitpos[h, j]`` of a
   little-endian bit stream of NB bytes: byte ``bitpos >> 3``, shift ``bitpos & 7``; a code never spans
   more than two bytes, so it is read as a 16-bit word ``b0 | b1 << 8``.
-* The decoded value is ``codebook[bits, code] * scale`` with one fp16 ``scale`` per token and head.
-  ``scale_mode`` "norm": the codes quantize ``y * sqrt(D) / |y|`` and the stored scale is
-  ``|y| / |codebook values|`` (norm-corrected: the decoded vector keeps the true norm).
-  ``scale_mode`` "absmax": the codes quantize ``y / scale`` with ``scale = max|y| / 127`` (int8).
+* Channels are split into NG scale groups (``group[h, j]``; a codec makes each group one bit width).
+  The decoded value is ``codebook[bits, code] * scale[group]`` with one fp16 scale per token, head and
+  group. For a group g of width w_g:
+  ``scale_mode`` "norm": the codes quantize ``y_g * sqrt(w_g) / |y_g|`` and the stored scale is
+  ``|y_g| / |codebook values of g|`` (norm-corrected: the decoded group keeps its true norm).
+  ``scale_mode`` "rms": the same codes, the stored scale is ``|y_g| / sqrt(w_g)`` (no correction).
+  ``scale_mode`` "absmax": the codes quantize ``y_g / scale`` with ``scale = max|y_g| / 127`` (int8).
+  A group with no channels in some head keeps scale 0 (its slot exists so all heads share one shape).
 
 Attention never un-transforms keys: q.x = q.center + (transform^-T q).y, and the first term is the same
 for every key of a query, so softmax ignores it. The caller passes the transformed query; the output is
@@ -40,6 +45,8 @@ except ImportError:  # pragma: no cover
     tl = None
     _HAS_TRITON = False
 
+_SCALE_MODES = ("norm", "rms", "absmax")  # the Triton kernel receives the index
+
 # Decode chunks of about this many elements on the CPU path (same reasoning as paged_attention).
 _CPU_CHUNK_ELEMS = 4 * 1024 * 1024
 
@@ -50,10 +57,12 @@ class CodeLayout:
 
     bits: torch.Tensor  # [Hkv, D] int32, 1..8
     bitpos: torch.Tensor  # [Hkv, D] int32, start bit of the channel's code in the token's stream
+    group: torch.Tensor  # [Hkv, D] int32, the channel's scale group in 0..NG-1
+    num_groups: int  # NG
     codebook: torch.Tensor  # [9, 256] float32, row b = the 2**b levels for b-bit channels
     boundaries: torch.Tensor  # [9, 255] float32, row b = the 2**b - 1 decision thresholds (+inf padded)
     num_bytes: int  # NB
-    scale_mode: str  # "norm" | "absmax"
+    scale_mode: str  # "norm" | "rms" | "absmax"
 
 
 def _channel_codes(u: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
@@ -67,21 +76,38 @@ def _channel_codes(u: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
     return codes
 
 
+def _group_sum(values: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
+    """values [T, Hkv, D] -> per-group sums [T, Hkv, NG]."""
+    T, Hkv, D = values.shape
+    out = torch.zeros(T, Hkv, layout.num_groups, dtype=values.dtype, device=values.device)
+    return out.scatter_add_(2, layout.group.long().expand(T, Hkv, D), values)
+
+
+def _group_max(values: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
+    T, Hkv, D = values.shape
+    out = torch.zeros(T, Hkv, layout.num_groups, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(2, layout.group.long().expand(T, Hkv, D), values, reduce="amax")
+
+
 def reference_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor,
                         layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv] float16)."""
+    """x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv, NG] float16)."""
     T, Hkv, D = x.shape
     y = torch.einsum("hij,thj->thi", transform, x.float() - center)  # [T, Hkv, D]
-    if layout.scale_mode == "norm":
-        norm = y.norm(dim=-1, keepdim=True)  # [T, Hkv, 1]
-        u = y * (D ** 0.5) / norm.clamp_min(1e-30)
+    group = layout.group.long().expand(T, Hkv, D)
+    width = _group_sum(torch.ones_like(y), layout)  # [T, Hkv, NG] channels per group
+    if layout.scale_mode in ("norm", "rms"):
+        norm = _group_sum(y * y, layout).sqrt()  # [T, Hkv, NG]
+        u = y * (width.sqrt() / norm.clamp_min(1e-30)).gather(2, group)
     else:
-        absmax = y.abs().amax(dim=-1, keepdim=True)
-        u = y / (absmax / 127).clamp_min(1e-30)
+        absmax = _group_max(y.abs(), layout)
+        u = y / (absmax / 127).clamp_min(1e-30).gather(2, group)
     codes = _channel_codes(u, layout)
     levels = layout.codebook[layout.bits.long(), codes.long()]  # [T, Hkv, D]
     if layout.scale_mode == "norm":
-        scale = norm / levels.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        scale = norm / _group_sum(levels * levels, layout).sqrt().clamp_min(1e-30)
+    elif layout.scale_mode == "rms":
+        scale = norm / width.clamp_min(1).sqrt()
     else:
         scale = absmax / 127
     # Pack: shift each code to its bit position; the low byte lands on byte bitpos>>3, the high on the next.
@@ -90,11 +116,11 @@ def reference_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.
     packed = torch.zeros(T, Hkv, layout.num_bytes + 1, dtype=torch.int32, device=x.device)
     packed.scatter_add_(2, byte, shifted & 0xFF)
     packed.scatter_add_(2, byte + 1, shifted >> 8)  # bits never overlap, so add == or
-    return packed[..., : layout.num_bytes].to(torch.uint8), scale.squeeze(-1).to(torch.float16)
+    return packed[..., : layout.num_bytes].to(torch.uint8), scale.to(torch.float16)
 
 
 def reference_kv_decode(codes: torch.Tensor, scales: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
-    """codes [..., Hkv, NB] uint8, scales [..., Hkv] -> transformed values y [..., Hkv, D] float32."""
+    """codes [..., Hkv, NB] uint8, scales [..., Hkv, NG] -> transformed values y [..., Hkv, D] float32."""
     Hkv, D = layout.bits.shape
     lead = codes.shape[:-2]
     codes = codes.reshape(-1, Hkv, layout.num_bytes).long()
@@ -105,17 +131,19 @@ def reference_kv_decode(codes: torch.Tensor, scales: torch.Tensor, layout: CodeL
     high = codes.gather(2, (index + 1).clamp_max(layout.num_bytes - 1)) * (index + 1 < layout.num_bytes)
     word = (low | (high << 8)) >> (layout.bitpos & 7).long()
     code = word & ((1 << layout.bits.long()) - 1)
-    values = layout.codebook[layout.bits.long(), code] * scales.reshape(-1, Hkv, 1).float()
+    channel_scale = scales.reshape(-1, Hkv, layout.num_groups).float().gather(
+        2, layout.group.long().expand(codes.shape[0], Hkv, D))
+    values = layout.codebook[layout.bits.long(), code] * channel_scale
     return values.reshape(*lead, Hkv, D)
 
 
 def reference_quant_paged_decode_attention(
     query: torch.Tensor,  # [B, H, D] transformed by the key transform (see module doc)
     key_codes: torch.Tensor,  # [N, S, Hkv, NBk] uint8
-    key_scales: torch.Tensor,  # [N, S, Hkv] float16
+    key_scales: torch.Tensor,  # [N, S, Hkv, NGk] float16
     key_layout: CodeLayout,
     value_codes: torch.Tensor,  # [N, S, Hkv, NBv] uint8
-    value_scales: torch.Tensor,  # [N, S, Hkv] float16
+    value_scales: torch.Tensor,  # [N, S, Hkv, NGv] float16
     value_layout: CodeLayout,
     block_tables: torch.Tensor,  # [B, M] int32
     seq_lens: torch.Tensor,  # [B] int32
@@ -176,6 +204,12 @@ def _check_layout(layout: CodeLayout, num_kv_heads: int, head_dim: int, code_byt
     assert tuple(layout.bitpos.shape) == (num_kv_heads, head_dim), (
         f"{side} layout bitpos shape {tuple(layout.bitpos.shape)} != (Hkv={num_kv_heads}, D={head_dim})"
     )
+    assert tuple(layout.group.shape) == (num_kv_heads, head_dim), (
+        f"{side} layout group shape {tuple(layout.group.shape)} != (Hkv={num_kv_heads}, D={head_dim})"
+    )
+    # Group ids themselves are not checked (that would sync the GPU every call): the layout's builder
+    # keeps them in 0..NG-1, and an id >= NG would make the attention kernel read past a token's scales.
+    assert layout.num_groups >= 1, f"{side} layout needs at least one scale group, got NG={layout.num_groups}"
     assert tuple(layout.codebook.shape) == (9, 256), (
         f"{side} codebook must be [9, 256], got {tuple(layout.codebook.shape)}"
     )
@@ -183,12 +217,13 @@ def _check_layout(layout: CodeLayout, num_kv_heads: int, head_dim: int, code_byt
         f"{side} boundaries must be [9, 255], got {tuple(layout.boundaries.shape)}"
     )
     assert layout.num_bytes == code_bytes, f"{side} layout has NB={layout.num_bytes}, codes have {code_bytes} bytes"
-    assert layout.scale_mode in ("norm", "absmax"), f"unknown scale_mode {layout.scale_mode!r}"
+    assert layout.scale_mode in _SCALE_MODES, f"unknown scale_mode {layout.scale_mode!r}"
 
 
 def _layout_tensors(layout: CodeLayout) -> tuple[torch.Tensor, ...]:
     """The layout's tables in the dtypes and (contiguous) layouts the kernels index them with; tiny copies at most."""
     return (layout.bits.to(torch.int32).contiguous(), layout.bitpos.to(torch.int32).contiguous(),
+            layout.group.to(torch.int32).contiguous(),
             layout.codebook.float().contiguous(), layout.boundaries.float().contiguous())
 
 
@@ -197,18 +232,17 @@ if _HAS_TRITON:
     @triton.jit
     def _kv_encode_kernel(
         x_ptr, transform_ptr, center_ptr,
-        bits_ptr, bitpos_ptr, codebook_ptr, boundaries_ptr,
+        bits_ptr, bitpos_ptr, group_ptr, codebook_ptr, boundaries_ptr,
         codes_ptr, scales_ptr,
-        sqrt_head_dim,
         stride_xt, stride_xh,
         stride_ct, stride_ch,
-        stride_st,
+        stride_st, stride_sh,
         stride_codebook, stride_boundaries,
-        D: tl.constexpr, NUM_BYTES: tl.constexpr, ABSMAX: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr,
+        D: tl.constexpr, NUM_BYTES: tl.constexpr, NUM_GROUPS: tl.constexpr, SCALE_MODE: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_NG: tl.constexpr,
     ):
-        # One program per (token, KV head): the whole D-vector is needed at once (its norm or absmax
-        # sets the scale, and every channel's code lands in a shared byte stream).
+        # One program per (token, KV head): the whole D-vector is needed at once (every group's norm or
+        # absmax sets that group's scale, and every channel's code lands in a shared byte stream).
         token = tl.program_id(0).to(tl.int64)  # int64: token * stride overflows int32 for big batches
         kvh = tl.program_id(1)
 
@@ -227,15 +261,27 @@ if _HAS_TRITON:
         )
         y = tl.sum(transform * centered[None, :], axis=1)  # [BLOCK_D]
 
-        # The *_rn forms are IEEE-rounded like torch (plain sqrt and / are approximate on the GPU), so
-        # codes only differ from the reference where the matvec's summation order moves y across a threshold.
-        if ABSMAX:
-            absmax = tl.max(tl.abs(y), axis=0)
+        # Scale groups as a one-hot [BLOCK_NG, BLOCK_D] membership tile (NG is small): a per-group reduction
+        # is a masked row reduction, and handing each channel its group's value is a masked column sum
+        # (exactly one term is non-zero, so it is exact). Padded channels (group -1) and padded groups
+        # (>= NG) belong nowhere, so an empty group -- also a real one that some head lacks -- reduces to 0.
+        group = tl.load(group_ptr + kvh * D + offs_d, mask=d_mask, other=-1)
+        offs_g = tl.arange(0, BLOCK_NG)  # BLOCK_NG = NG rounded up to a power of two
+        member = group[None, :] == offs_g[:, None]
+        width = tl.sum(member.to(tl.float32), axis=1)  # [BLOCK_NG] channels per group
+
+        # The *_rn forms are IEEE-rounded like torch (plain sqrt and / are approximate on the GPU), and the
+        # operations follow the reference's order, so codes only differ from the reference where a summation
+        # order (the matvec, a group's sum of squares) moves u across a threshold.
+        if SCALE_MODE == 2:  # absmax
+            absmax = tl.max(tl.where(member, tl.abs(y)[None, :], 0.0), axis=1)  # [BLOCK_NG]
             step = tl.div_rn(absmax, 127.0)
-            u = tl.div_rn(y, tl.maximum(step, 1e-30))  # the clamp keeps a zero vector at u = 0, not NaN
-        else:
-            norm = tl.sqrt_rn(tl.sum(y * y, axis=0))
-            u = tl.div_rn(y * sqrt_head_dim, tl.maximum(norm, 1e-30))
+            channel_step = tl.sum(tl.where(member, step[:, None], 0.0), axis=0)  # [BLOCK_D]
+            u = tl.div_rn(y, tl.maximum(channel_step, 1e-30))  # the clamp keeps a zero group at u = 0, not NaN
+        else:  # norm, rms: the codes quantize y_g standardised to unit RMS
+            norm = tl.sqrt_rn(tl.sum(tl.where(member, (y * y)[None, :], 0.0), axis=1))  # [BLOCK_NG]
+            factor = tl.div_rn(tl.sqrt_rn(width), tl.maximum(norm, 1e-30))
+            u = y * tl.sum(tl.where(member, factor[:, None], 0.0), axis=0)
 
         # code = number of the channel's thresholds strictly below u (searchsorted, right=False), found by
         # binary search over the ascending row: 8 gathered loads per channel instead of a [D, 256] compare
@@ -252,12 +298,16 @@ if _HAS_TRITON:
             code = tl.where(threshold < u, candidate, code)
         level = tl.load(codebook_ptr + bits * stride_codebook + code, mask=d_mask, other=0.0)
 
-        if ABSMAX:
-            token_scale = step
+        if SCALE_MODE == 2:
+            group_scale = step
+        elif SCALE_MODE == 1:  # rms: the standardising scale itself (the max only guards an empty group)
+            group_scale = tl.div_rn(norm, tl.sqrt_rn(tl.maximum(width, 1.0)))
         else:
-            # Norm-corrected: decoded vector = levels * scale has y's norm, not the codebook's.
-            token_scale = tl.div_rn(norm, tl.maximum(tl.sqrt_rn(tl.sum(level * level, axis=0)), 1e-30))
-        tl.store(scales_ptr + token * stride_st + kvh, token_scale.to(tl.float16))
+            # Norm-corrected: decoded group = levels * scale has y_g's norm, not the codebook's.
+            level_norm = tl.sqrt_rn(tl.sum(tl.where(member, (level * level)[None, :], 0.0), axis=1))
+            group_scale = tl.div_rn(norm, tl.maximum(level_norm, 1e-30))
+        tl.store(scales_ptr + token * stride_st + kvh * stride_sh + offs_g, group_scale.to(tl.float16),
+                 mask=offs_g < NUM_GROUPS)
 
         # Pack: the code shifted to its bit offset is < 2**15; its low byte lands on byte bitpos >> 3 and its
         # high byte on the next one. Codes never share bits, so summing the contributions per byte is an OR.
@@ -272,22 +322,24 @@ if _HAS_TRITON:
                  mask=offs_byte < NUM_BYTES)
 
     @triton.jit
-    def _load_channel_layout(bits_ptr, bitpos_ptr, kvh, offs_d, d_mask, D: tl.constexpr, NUM_BYTES: tl.constexpr,
-                             stride_codebook):
+    def _load_channel_layout(bits_ptr, bitpos_ptr, group_ptr, kvh, offs_d, d_mask, D: tl.constexpr,
+                             NUM_BYTES: tl.constexpr, stride_codebook, stride_scale_group):
         """Per-channel decode constants of one KV head, [BLOCK_D] each; loaded once per program."""
         bits = tl.load(bits_ptr + kvh * D + offs_d, mask=d_mask, other=1)
         bitpos = tl.load(bitpos_ptr + kvh * D + offs_d, mask=d_mask, other=0)
+        # Offset of the channel's group scale inside a token's NG scales (0 on padded channels: in bounds).
+        scale_col = tl.load(group_ptr + kvh * D + offs_d, mask=d_mask, other=0) * stride_scale_group
         byte = bitpos >> 3
         shift = bitpos & 7
         code_mask = (1 << bits) - 1
         codebook_row = bits * stride_codebook
         # A code ending in the last byte has no second byte to read (the stream is exactly NB bytes).
         has_high_byte = (byte + 1 < NUM_BYTES) & d_mask
-        return byte, shift, code_mask, codebook_row, has_high_byte
+        return byte, shift, code_mask, codebook_row, has_high_byte, scale_col
 
     @triton.jit
     def _decode_tile(codes_ptr, scales_ptr, code_rows, scale_rows, tok_mask, d_mask,
-                     byte, shift, code_mask, codebook_ptr, codebook_row, has_high_byte):
+                     byte, shift, code_mask, codebook_ptr, codebook_row, has_high_byte, scale_col):
         """Decoded values [BLOCK_S, BLOCK_D] float32 of one block's tokens; masked tokens/channels are 0."""
         low = tl.load(codes_ptr + code_rows[:, None] + byte[None, :],
                       mask=tok_mask[:, None] & d_mask[None, :], other=0).to(tl.int32)
@@ -296,22 +348,25 @@ if _HAS_TRITON:
         code = ((low | (high << 8)) >> shift[None, :]) & code_mask[None, :]
         # code < 2**bits <= 256, so the gather stays inside the codebook row even for garbage bytes.
         level = tl.load(codebook_ptr + codebook_row[None, :] + code)
+        # Each channel gathers its group's scale: an [S, D] load over the block's [S, NG] scales, which are
+        # a few contiguous bytes per token, so the repeated addresses hit the same cache lines.
         # other=0.0: an unused slot's scale may be inf/NaN garbage; a 0 scale keeps it out of the math.
-        token_scale = tl.load(scales_ptr + scale_rows, mask=tok_mask, other=0.0).to(tl.float32)
-        return tl.where(d_mask[None, :], level * token_scale[:, None], 0.0)
+        channel_scale = tl.load(scales_ptr + scale_rows[:, None] + scale_col[None, :],
+                                mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        return tl.where(d_mask[None, :], level * channel_scale, 0.0)
 
     @triton.jit
     def _quant_paged_decode_kernel(
         q_ptr,
-        k_codes_ptr, k_scales_ptr, k_bits_ptr, k_bitpos_ptr, k_codebook_ptr,
-        v_codes_ptr, v_scales_ptr, v_bits_ptr, v_bitpos_ptr, v_codebook_ptr,
+        k_codes_ptr, k_scales_ptr, k_bits_ptr, k_bitpos_ptr, k_group_ptr, k_codebook_ptr,
+        v_codes_ptr, v_scales_ptr, v_bits_ptr, v_bitpos_ptr, v_group_ptr, v_codebook_ptr,
         bt_ptr, sl_ptr, out_ptr,
         scale,
         stride_qb, stride_qh,
         stride_kcn, stride_kcs, stride_kch,
-        stride_ksn, stride_kss, stride_ksh,
+        stride_ksn, stride_kss, stride_ksh, stride_ksg,
         stride_vcn, stride_vcs, stride_vch,
-        stride_vsn, stride_vss, stride_vsh,
+        stride_vsn, stride_vss, stride_vsh, stride_vsg,
         stride_k_codebook, stride_v_codebook,
         stride_btb,
         stride_ob, stride_oh,
@@ -337,10 +392,11 @@ if _HAS_TRITON:
         ).to(tl.float32)
         q = q * scale  # padded rows/cols are 0, so their scores are finite (0), never NaN
 
-        k_byte, k_shift, k_code_mask, k_codebook_row, k_has_high = _load_channel_layout(
-            k_bits_ptr, k_bitpos_ptr, kvh, offs_d, d_mask, D, K_NUM_BYTES, stride_k_codebook)
-        v_byte, v_shift, v_code_mask, v_codebook_row, v_has_high = _load_channel_layout(
-            v_bits_ptr, v_bitpos_ptr, kvh, offs_d, d_mask, D, V_NUM_BYTES, stride_v_codebook)
+        # K and V have their own layouts (bits, byte count, number of scale groups).
+        k_byte, k_shift, k_code_mask, k_codebook_row, k_has_high, k_scale_col = _load_channel_layout(
+            k_bits_ptr, k_bitpos_ptr, k_group_ptr, kvh, offs_d, d_mask, D, K_NUM_BYTES, stride_k_codebook, stride_ksg)
+        v_byte, v_shift, v_code_mask, v_codebook_row, v_has_high, v_scale_col = _load_channel_layout(
+            v_bits_ptr, v_bitpos_ptr, v_group_ptr, kvh, offs_d, d_mask, D, V_NUM_BYTES, stride_v_codebook, stride_vsg)
 
         seq_len = tl.load(sl_ptr + seq)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of scores
@@ -357,12 +413,14 @@ if _HAS_TRITON:
                 k_codes_ptr, k_scales_ptr,
                 block * stride_kcn + offs_s * stride_kcs + kvh * stride_kch,
                 block * stride_ksn + offs_s * stride_kss + kvh * stride_ksh,
-                tok_mask, d_mask, k_byte, k_shift, k_code_mask, k_codebook_ptr, k_codebook_row, k_has_high)
+                tok_mask, d_mask, k_byte, k_shift, k_code_mask, k_codebook_ptr, k_codebook_row, k_has_high,
+                k_scale_col)
             v_hat = _decode_tile(
                 v_codes_ptr, v_scales_ptr,
                 block * stride_vcn + offs_s * stride_vcs + kvh * stride_vch,
                 block * stride_vsn + offs_s * stride_vss + kvh * stride_vsh,
-                tok_mask, d_mask, v_byte, v_shift, v_code_mask, v_codebook_ptr, v_codebook_row, v_has_high)
+                tok_mask, d_mask, v_byte, v_shift, v_code_mask, v_codebook_ptr, v_codebook_row, v_has_high,
+                v_scale_col)
 
             # [G, S] scores via broadcast-multiply-reduce (see _paged_decode_kernel for why not tl.dot).
             s = tl.sum(q[:, None, :] * k_hat[None, :, :], axis=2)
@@ -385,7 +443,7 @@ if _HAS_TRITON:
 
 def triton_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor,
                      layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``reference_kv_encode``: x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv] float16).
+    """Triton twin of ``reference_kv_encode``: x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv, NG] float16).
 
     Needs CUDA, or TRITON_INTERPRET=1 for CPU tensors. transform/center are used in float32.
     """
@@ -402,23 +460,24 @@ def triton_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Ten
         x = x.contiguous()
     transform = transform.float().contiguous()
     center = center.float().contiguous()
-    bits, bitpos, codebook, boundaries = _layout_tensors(layout)
+    bits, bitpos, group, codebook, boundaries = _layout_tensors(layout)
 
     codes = torch.empty(T, Hkv, layout.num_bytes, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(T, Hkv, dtype=torch.float16, device=x.device)
+    scales = torch.empty(T, Hkv, layout.num_groups, dtype=torch.float16, device=x.device)
     if T == 0:
         return codes, scales
     _kv_encode_kernel[(T, Hkv)](
         x, transform, center,
-        bits, bitpos, codebook, boundaries,
+        bits, bitpos, group, codebook, boundaries,
         codes, scales,
-        float(D ** 0.5),
         x.stride(0), x.stride(1),
         codes.stride(0), codes.stride(1),
-        scales.stride(0),
+        scales.stride(0), scales.stride(1),
         codebook.stride(0), boundaries.stride(0),
-        D=D, NUM_BYTES=layout.num_bytes, ABSMAX=layout.scale_mode == "absmax",
+        D=D, NUM_BYTES=layout.num_bytes, NUM_GROUPS=layout.num_groups,
+        SCALE_MODE=_SCALE_MODES.index(layout.scale_mode),
         BLOCK_D=triton.next_power_of_2(D), BLOCK_NB=triton.next_power_of_2(layout.num_bytes),
+        BLOCK_NG=triton.next_power_of_2(layout.num_groups),
     )
     return codes, scales
 
@@ -426,10 +485,10 @@ def triton_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Ten
 def triton_quant_paged_decode_attention(
     query: torch.Tensor,  # [B, H, D] transformed by the key transform (see module doc)
     key_codes: torch.Tensor,  # [N, S, Hkv, NBk] uint8
-    key_scales: torch.Tensor,  # [N, S, Hkv] float16
+    key_scales: torch.Tensor,  # [N, S, Hkv, NGk] float16
     key_layout: CodeLayout,
     value_codes: torch.Tensor,  # [N, S, Hkv, NBv] uint8
-    value_scales: torch.Tensor,  # [N, S, Hkv] float16
+    value_scales: torch.Tensor,  # [N, S, Hkv, NGv] float16
     value_layout: CodeLayout,
     block_tables: torch.Tensor,  # [B, M] int32
     seq_lens: torch.Tensor,  # [B] int32
@@ -451,8 +510,12 @@ def triton_quant_paged_decode_attention(
         f"value codes {tuple(value_codes.shape)} do not match key codes {tuple(key_codes.shape)} in [N, S, Hkv]"
     )
     assert key_codes.dtype == torch.uint8 and value_codes.dtype == torch.uint8, "codes must be uint8"
-    assert tuple(key_scales.shape) == (N, S, Hkv) and tuple(value_scales.shape) == (N, S, Hkv), (
-        f"scales must be [N={N}, S={S}, Hkv={Hkv}], got {tuple(key_scales.shape)}, {tuple(value_scales.shape)}"
+    assert tuple(key_scales.shape) == (N, S, Hkv, key_layout.num_groups), (
+        f"key scales must be [N={N}, S={S}, Hkv={Hkv}, NG={key_layout.num_groups}], got {tuple(key_scales.shape)}"
+    )
+    assert tuple(value_scales.shape) == (N, S, Hkv, value_layout.num_groups), (
+        f"value scales must be [N={N}, S={S}, Hkv={Hkv}, NG={value_layout.num_groups}], "
+        f"got {tuple(value_scales.shape)}"
     )
     assert Hkv > 0 and H % Hkv == 0, f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}"
     _check_layout(key_layout, Hkv, D, key_codes.shape[3], "key")
@@ -469,23 +532,23 @@ def triton_quant_paged_decode_attention(
     query = query.contiguous()
     block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
-    k_bits, k_bitpos, k_codebook, _ = _layout_tensors(key_layout)
-    v_bits, v_bitpos, v_codebook, _ = _layout_tensors(value_layout)
+    k_bits, k_bitpos, k_group, k_codebook, _ = _layout_tensors(key_layout)
+    v_bits, v_bitpos, v_group, v_codebook, _ = _layout_tensors(value_layout)
 
     out = torch.empty(B, H, D, dtype=torch.float32, device=query.device)
     if B == 0:
         return out
     _quant_paged_decode_kernel[(B, Hkv)](
         query,
-        key_codes, key_scales, k_bits, k_bitpos, k_codebook,
-        value_codes, value_scales, v_bits, v_bitpos, v_codebook,
+        key_codes, key_scales, k_bits, k_bitpos, k_group, k_codebook,
+        value_codes, value_scales, v_bits, v_bitpos, v_group, v_codebook,
         block_tables, seq_lens, out,
         float(scale),
         query.stride(0), query.stride(1),
         key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
-        key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
+        key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), key_scales.stride(3),
         value_codes.stride(0), value_codes.stride(1), value_codes.stride(2),
-        value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
+        value_scales.stride(0), value_scales.stride(1), value_scales.stride(2), value_scales.stride(3),
         k_codebook.stride(0), v_codebook.stride(0),
         block_tables.stride(0),
         out.stride(0), out.stride(1),

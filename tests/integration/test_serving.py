@@ -47,6 +47,10 @@ def cluster():
         "disagg": ServeConfig.model_validate({**common, "mode": "disaggregated", "decode_tiers": [
             {"name": "default", **TIER}, {"name": "long", "min_prompt_tokens": 400, **TIER}]}),
         "unified": ServeConfig.model_validate({**common, "mode": "unified", "decode_tiers": [{"name": "default", **TIER}]}),
+        # Compressed KV end to end: the prefill tier writes TurboQuant pages, the decode tier attends over them.
+        "compressed": ServeConfig.model_validate({
+            **common, "engine": {**common["engine"], "kv_codec": "tq-k4v3"}, "mode": "disaggregated",
+            "decode_tiers": [{"name": "default", **TIER}]}),
     }
     for name, config in configs.items():
         serve.run(build_app(config), name=name, route_prefix=f"/{name}")
@@ -107,6 +111,31 @@ def test_disaggregated_equals_unified_equals_in_process(cluster, real_model):
     assert after["transfers"] - before["transfers"] == len(PROMPTS)
     assert after["failures"] == before["failures"]
     assert after["bytes"] > before["bytes"]
+
+
+def test_compressed_kv_crosses_tiers_encoded_and_matches_in_process(cluster, real_model):
+    """tq-k4v3 disaggregated == the in-process engine with tq-k4v3; the wire carries exactly the accounted bytes."""
+    from workers.config import EngineConfig
+    from workers.engine import Engine
+    from workers.sampling_params import SamplingParams
+
+    stub, serve = cluster
+    engine = Engine(EngineConfig(num_kv_blocks=256, kv_codec="tq-k4v3"), loaded=real_model)
+    expected = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    bytes_per_block = engine.block_size * sum(engine.codec.bytes_per_token(layer)
+                                              for layer in range(real_model.config.num_layers))
+    fp16_bytes_per_block = engine.block_size * real_model.config.num_layers * 2 * real_model.config.num_kv_heads \
+        * real_model.config.head_dim * 2
+    assert bytes_per_block * 4 < fp16_bytes_per_block  # it really is compressed (4.3x for k4v3)
+    decode = handle(serve, "compressed", "DecodeServer-default")
+    before = decode.transfer_stats.remote().result()
+    for prompt, completion in zip(PROMPTS, expected):
+        response = call(stub, "compressed", greedy(prompt))
+        assert list(response.token_ids) == completion.token_ids
+    after = decode.transfer_stats.remote().result()
+    assert after["transfers"] - before["transfers"] == len(PROMPTS) and after["failures"] == before["failures"]
+    num_blocks = sum(-(-c.num_prompt_tokens // engine.block_size) for c in expected)
+    assert after["bytes"] - before["bytes"] == num_blocks * bytes_per_block
 
 
 def test_streaming_and_32_concurrent_clients(cluster, real_model):

@@ -93,8 +93,12 @@ def test_block_gtq_spends_bits_where_scores_are_and_beats_uniform_on_weighted_er
         _, decoded_key, _ = round_trip(codec, layer, key, value)
         errors[name] = float(((decoded_key - key).square() * weight).sum(-1).mean())
     assert errors["gtq"] < 0.5 * errors["tq"], errors
-    # Same budget: 3 bits per channel for K and V, plus one fp16 scale per head each.
-    assert gtq.bytes_per_token(layer) == tq.bytes_per_token(layer) == 2 * NUM_KV_HEADS * (3 * HEAD_DIM // 8 + 2)
+    # Same code budget (3 bits per channel for K and V); gtq pays one fp16 scale per width group.
+    assert tq.bytes_per_token(layer) == 2 * NUM_KV_HEADS * (3 * HEAD_DIM // 8 + 2)
+    key_plan, value_plan = gtq.plans[layer]
+    assert gtq.bytes_per_token(layer) == sum(
+        NUM_KV_HEADS * (3 * HEAD_DIM // 8 + 2 * plan.layout.num_groups) for plan in (key_plan, value_plan))
+    assert key_plan.layout.num_groups > 1
 
 
 def test_allocate_bits_spends_the_exact_budget_by_score_and_pairs_rope_channels():

@@ -113,32 +113,49 @@ def calibrate(model, texts_token_ids: list[list[int]]) -> KVCalibration:
                          value_sigma.float(), value_score.float(), num_tokens)
 
 
-def allocate_bits(score: torch.Tensor, average_bits: float, *, rope_pairs: bool, min_bits: int = 1,
-                  max_bits: int = MAX_BITS) -> torch.Tensor:
-    """score [Hkv, D] -> bits [Hkv, D]; each head spends round(average_bits * D) bits (greedy, exact budget)."""
+def allocate_bits(score: torch.Tensor, average_bits: float, *, rope_pairs: bool,
+                  widths: tuple[int, ...] = tuple(range(1, MAX_BITS + 1))) -> torch.Tensor:
+    """score [Hkv, D] -> bits [Hkv, D]: each head spends at most round(average_bits * D) bits, greedily.
+
+    Widths come from `widths` only (ascending): every distinct width is a group with its own scale per
+    token, so fewer widths means less metadata. A step moves a unit to the next allowed width; steps are
+    taken by error reduction per bit spent.
+    """
+    widths = tuple(sorted(set(widths)))
+    if not widths or widths[0] < 1 or widths[-1] > MAX_BITS:
+        raise ValueError(f"widths must be within 1..{MAX_BITS}, got {widths}")
     num_kv_heads, head_dim = score.shape
-    mse = [gaussian_mse(bits) for bits in range(1, MAX_BITS + 1)] + [0.0]
-    bits = torch.full((num_kv_heads, head_dim), min_bits, dtype=torch.int32)
-    budget = round(average_bits * head_dim) - min_bits * head_dim
+    mse = {bits: gaussian_mse(bits) for bits in widths}
+    budget = round(average_bits * head_dim) - widths[0] * head_dim
     if budget < 0:
-        raise ValueError(f"average_bits {average_bits} is below the minimum of {min_bits} bits per channel")
+        raise ValueError(f"average_bits {average_bits} is below the narrowest width {widths[0]}")
     # Units: a RoPE pair (i, i + D/2) for keys, a single channel for values.
     half = head_dim // 2
     units = [(i, i + half) for i in range(half)] if rope_pairs else [(i,) for i in range(head_dim)]
+    bits = torch.empty(num_kv_heads, head_dim, dtype=torch.int32)
     for head in range(num_kv_heads):
         unit_score = [float(sum(score[head, c] for c in unit)) for unit in units]
-        width = [min_bits] * len(units)
-        gain = lambda u: unit_score[u] * (mse[width[u] - 1] - mse[width[u]])  # noqa: E731 - per unit bit
-        heap = [(-gain(u), u) for u in range(len(units))]
+        level = [0] * len(units)  # index into widths
+
+        def step(u: int) -> tuple[float, int]:
+            """(error reduction per bit, bits) of moving unit u one allowed width up."""
+            now, nxt = widths[level[u]], widths[level[u] + 1]
+            cost = (nxt - now) * len(units[u])
+            return unit_score[u] * (mse[now] - mse[nxt]) / cost, cost
+
+        heap = [(-step(u)[0], u) for u in range(len(units)) if len(widths) > 1]
         heapq.heapify(heap)
         remaining = budget
-        while heap and remaining >= len(units[heap[0][1]]):
+        while heap:
             _, unit = heapq.heappop(heap)
-            width[unit] += 1
-            remaining -= len(units[unit])
-            if width[unit] < max_bits:
-                heapq.heappush(heap, (-gain(unit), unit))
-        for unit, unit_width in zip(units, width):
+            _, cost = step(unit)
+            if cost > remaining:
+                continue  # does not fit; cheaper steps of other units still may
+            level[unit] += 1
+            remaining -= cost
+            if level[unit] + 1 < len(widths):
+                heapq.heappush(heap, (-step(unit)[0], unit))
+        for unit, unit_level in zip(units, level):
             for channel in unit:
-                bits[head, channel] = unit_width
+                bits[head, channel] = widths[unit_level]
     return bits

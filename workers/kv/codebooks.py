@@ -59,16 +59,21 @@ def gaussian_mse(bits: int) -> float:
 def codebook_tables(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (levels [9, 256], thresholds [9, 255]) float32; row b holds the b-bit codebook (+inf padding).
 
-    kind "gaussian": Lloyd-Max levels for N(0, 1). kind "int8": row 8 is the symmetric grid -127..127
+    kind "gaussian": Lloyd-Max levels for N(0, 1); "gaussian_unshrunk": the same cells, levels rescaled to unit
+    energy per width (for mixed-width heads). kind "int8": row 8 is the symmetric grid -127..127
     (code 0 = -127), used with absmax scaling.
     """
     levels = torch.zeros(MAX_BITS + 1, 256, dtype=torch.float32)
     thresholds = torch.full((MAX_BITS + 1, 255), math.inf, dtype=torch.float32)
-    if kind == "gaussian":
+    if kind in ("gaussian", "gaussian_unshrunk"):
         for bits in range(1, MAX_BITS + 1):
             row = lloyd_max_gaussian(bits).float()
-            levels[bits, : row.numel()] = row
             thresholds[bits, : row.numel() - 1] = (row[1:] + row[:-1]) / 2
+            if kind == "gaussian_unshrunk":
+                # Centroids shrink: E[level^2] = 1 - mse(b). Undoing it per width keeps every width's decoded
+                # energy equal, so one per-token norm correction is fair to wide and narrow channels alike.
+                row = row / math.sqrt(1.0 - gaussian_mse(bits))
+            levels[bits, : row.numel()] = row
     elif kind == "int8":
         row = torch.arange(-127, 128, dtype=torch.float32)
         levels[8, : row.numel()] = row

@@ -1,7 +1,7 @@
 """QuantCodec: int8, TurboQuant and Block-GTQ pages, one SidePlan per side (K, V) per layer.
 
 Layers named in ``exclude_layers`` stay fp16 (the first and last layers are often the most sensitive).
-Pages of a quantized layer hold code bytes and one fp16 scale per token and KV head; decode attention
+Pages of a quantized layer hold code bytes and fp16 scales (one per width group) per token and KV head; decode attention
 reads the codes directly (dequantization fused, see kernels/kv_quant.py), with the query moved into the
 keys' transformed space instead of the keys moved back.
 
@@ -37,8 +37,8 @@ class QuantCodec(KVCodec):
         for side, side_plan in zip(("key", "value"), plan):
             arrays[f"{side}_codes"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
                                                   side_plan.layout.num_bytes, dtype=torch.uint8, device=device)
-            arrays[f"{side}_scales"] = torch.zeros(num_blocks, block_size, self.num_kv_heads, dtype=torch.float16,
-                                                   device=device)
+            arrays[f"{side}_scales"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
+                                                   side_plan.layout.num_groups, dtype=torch.float16, device=device)
         return LayerPages(layer, arrays)
 
     def write(self, pages, slot_mapping, key, value) -> None:
@@ -50,7 +50,7 @@ class QuantCodec(KVCodec):
             codes, scales = kv_encode(tensor, side_plan.transform, side_plan.center, side_plan.layout)
             code_pages, scale_pages = pages[f"{side}_codes"], pages[f"{side}_scales"]
             code_pages.view(-1, *code_pages.shape[2:]).index_copy_(0, slot_mapping, codes)
-            scale_pages.view(-1, self.num_kv_heads).index_copy_(0, slot_mapping, scales)
+            scale_pages.view(-1, *scale_pages.shape[2:]).index_copy_(0, slot_mapping, scales)
 
     def gather(self, pages, block_ids):
         plan = self.plans[pages.layer]

@@ -115,6 +115,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.target == "memory":
+        from cluster.kv_memory import run_memory
+
+        return run_memory(args)
     from cluster.eval_kv import run_eval_kv
 
     return run_eval_kv(args)
@@ -188,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")
-    evaluate.add_argument("target", choices=["kv"])
+    evaluate.add_argument("target", choices=["kv", "memory"], help="kv: codec quality; memory: long-context KV bytes")
+    evaluate.add_argument("--context-tokens", type=int, default=2**20, help="memory: context length")
     evaluate.add_argument("--json", dest="json_out", default=None, help="write results here (and a PNG beside)")
     evaluate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -56,12 +56,13 @@ def gaussian_mse(bits: int) -> float:
     return float((second - 2 * levels * first + levels**2 * mass).sum())
 
 
+@functools.lru_cache(maxsize=None)
 def codebook_tables(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (levels [9, 256], thresholds [9, 255]) float32; row b holds the b-bit codebook (+inf padding).
 
     kind "gaussian": Lloyd-Max levels for N(0, 1); "gaussian_unshrunk": the same cells, levels rescaled to unit
     energy per width (for mixed-width heads). kind "int8": row 8 is the symmetric grid -127..127
-    (code 0 = -127), used with absmax scaling.
+    (code 0 = -127), used with absmax scaling. Cached: every plan of a codec shares the same (read-only) tables.
     """
     levels = torch.zeros(MAX_BITS + 1, 256, dtype=torch.float32)
     thresholds = torch.full((MAX_BITS + 1, 255), math.inf, dtype=torch.float32)

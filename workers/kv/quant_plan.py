@@ -22,6 +22,7 @@ optional calibrated per-channel center and spread:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,14 +51,20 @@ def _hadamard(size: int) -> torch.Tensor:
     return matrix / size**0.5
 
 
-def random_rotation(size: int, generator: torch.Generator) -> torch.Tensor:
-    """A [size, size] orthogonal float64 matrix: randomised Hadamard when size is a power of two."""
-    if size & (size - 1) == 0:
-        signs = torch.randint(0, 2, (size,), generator=generator, dtype=torch.float64) * 2 - 1
-        return _hadamard(size) * signs[None, :]
-    gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
+@functools.lru_cache(maxsize=None)
+def _haar_orthogonal(size: int) -> torch.Tensor:
+    """One seeded Haar-random orthogonal matrix per size (a QR costs ms; plans need thousands of rotations)."""
+    gaussian = torch.randn(size, size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    return q * torch.sign(torch.diagonal(r))[None, :]  # Haar-distributed
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def random_rotation(size: int, generator: torch.Generator) -> torch.Tensor:
+    """A [size, size] orthogonal float64 matrix: a fixed orthogonal base (Hadamard when size is a power of two,
+    else a Haar-random matrix), randomised per use by sign flips of its columns."""
+    signs = torch.randint(0, 2, (size,), generator=generator, dtype=torch.float64) * 2 - 1
+    base = _hadamard(size) if size & (size - 1) == 0 else _haar_orthogonal(size)
+    return base * signs[None, :]
 
 
 def build_side_plan(bits: torch.Tensor, *, center: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
@@ -73,8 +80,6 @@ def build_side_plan(bits: torch.Tensor, *, center: torch.Tensor | None = None, s
     for head in range(num_kv_heads):
         # Stable sort, widest first: P maps transformed slot j to original channel order[j].
         order = torch.sort(-bits[head], stable=True).indices
-        permute = torch.zeros(head_dim, head_dim, dtype=torch.float64)
-        permute[torch.arange(head_dim), order] = 1.0
         head_bits = bits[head, order]
         widths = head_bits.unique(sorted=True).flip(0).tolist()  # widest first, like the channels
         groups.append(torch.tensor([widths.index(width) for width in head_bits.tolist()]))
@@ -85,8 +90,10 @@ def build_side_plan(bits: torch.Tensor, *, center: torch.Tensor | None = None, s
                 start, size = int(members[0]), members.numel()
                 rotation[start:start + size, start:start + size] = random_rotation(size, generator)
         scale = sigma[head].double()
-        transforms.append(rotation @ permute / scale[None, :])
-        inverses.append(scale[:, None] * permute.T @ rotation.T)
+        # R @ P is R with its columns moved to the original channel order (P: slot j <- channel order[j]).
+        rotated_permuted = rotation[:, torch.argsort(order)]
+        transforms.append(rotated_permuted / scale[None, :])
+        inverses.append(scale[:, None] * rotated_permuted.T)
         sorted_bits.append(head_bits)
     sorted_bits = torch.stack(sorted_bits)  # [Hkv, D]
     bitpos = torch.cumsum(sorted_bits, dim=1) - sorted_bits

@@ -119,9 +119,20 @@ def test_compressed_kv_crosses_tiers_encoded_and_matches_in_process(cluster, rea
     from workers.engine import Engine
     from workers.sampling_params import SamplingParams
 
+    import torch
+
     stub, serve = cluster
-    engine = Engine(EngineConfig(num_kv_blocks=256, kv_codec="tq-k4v3"), loaded=real_model)
-    expected = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    # Same arithmetic as a replica: one thread, one request at a time. (A quantized cache turns float noise
+    # from a different GEMM blocking into a code one level over now and then, so only like-for-like runs
+    # are token-exact.)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = Engine(EngineConfig(num_kv_blocks=256, kv_codec="tq-k4v3"), loaded=real_model)
+        expected = [engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+                    for prompt in PROMPTS]
+    finally:
+        torch.set_num_threads(threads)
     bytes_per_block = engine.block_size * sum(engine.codec.bytes_per_token(layer)
                                               for layer in range(real_model.config.num_layers))
     fp16_bytes_per_block = engine.block_size * real_model.config.num_layers * 2 * real_model.config.num_kv_heads \

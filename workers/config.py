@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,6 +30,21 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = leave torch's default")
     role: Literal["unified", "prefill", "decode"] = "unified"
+
+    @field_validator("kv_codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        from workers.kv.presets import check_codec_name
+
+        return check_codec_name(value)
+
+    @model_validator(mode="after")
+    def _calibrated_codec_has_a_file(self) -> "EngineConfig":
+        from workers.kv.presets import needs_calibration
+
+        if needs_calibration(self.kv_codec) and not self.kv_calibration:
+            raise ValueError(f"kv_codec {self.kv_codec!r} needs kv_calibration (a file from `tierserve calibrate`)")
+        return self
 
     @field_validator("block_size")
     @classmethod

@@ -219,3 +219,19 @@ def test_lossy_codec_makes_every_query_read_the_decoded_cache(tiny_loaded):
     first_8 = runs[8].logprobs[0]
     first_64 = runs[64].logprobs[0]
     assert math.isclose(first_8.logprob, first_64.logprob, abs_tol=1e-3)
+
+
+def test_engine_config_rejects_bad_codec_settings_at_load_time():
+    """Config validation names the problem before any replica starts (no crash-looping deployment)."""
+    from pydantic import ValidationError
+
+    from workers.config import EngineConfig
+
+    assert EngineConfig(kv_codec="tq-k4v3").kv_codec == "tq-k4v3"
+    assert EngineConfig(kv_codec="gtq-3.0", kv_calibration="calib.pt").kv_codec == "gtq-3.0"
+    with pytest.raises(ValidationError, match="unknown kv codec 'tq4'"):
+        EngineConfig(kv_codec="tq4")
+    with pytest.raises(ValidationError, match="bits must be within 1..8"):
+        EngineConfig(kv_codec="gtq-9.5", kv_calibration="calib.pt")
+    with pytest.raises(ValidationError, match="needs kv_calibration"):
+        EngineConfig(kv_codec="gtq-3.0")

@@ -40,6 +40,19 @@ def needs_calibration(name: str) -> bool:
     return bool(_GTQ.match(name))
 
 
+def check_codec_name(name: str) -> str:
+    """Validate a codec name without building it (config load time); returns it or raises ValueError."""
+    if name == "auto" or name in FLOAT_DTYPES or name == "int8" or _TQ.match(name):
+        return name
+    if match := _GTQ.match(name):
+        for bits in (match.group(1), match.group(2), match.group(3)):
+            if bits is not None and not 1.0 <= float(bits) <= 8.0:
+                raise ValueError(f"kv codec {name!r}: bits must be within 1..8, got {bits}")
+        return name
+    raise ValueError(f"unknown kv codec {name!r}; use auto, float32, float16, bfloat16, int8, tq-k<b>v<b> "
+                     f"(b in 1..8), gtq-<bits> or gtq-k<bits>v<bits> (presets: {', '.join(PRESETS)})")
+
+
 def make_codec(name: str, *, model_dtype: torch.dtype, num_layers: int, num_kv_heads: int, head_dim: int,
                device: torch.device = torch.device("cpu"), calibration: KVCalibration | None = None,
                exclude_layers: tuple[int, ...] = ()) -> KVCodec:
@@ -84,8 +97,8 @@ def make_codec(name: str, *, model_dtype: torch.dtype, num_layers: int, num_kv_h
             side_plans.append((key_plan, value_plan))
         name = f"{name}@{calibration.digest()}"
     else:
-        raise ValueError(f"unknown kv codec {name!r}; use auto, float32, float16, bfloat16, int8, tq-k<b>v<b> "
-                         f"(b in 1..8), gtq-<bits> or gtq-k<bits>v<bits> (presets: {', '.join(PRESETS)})")
+        check_codec_name(name)  # raises the one clear message
+        raise AssertionError(f"codec name {name!r} passed the check but has no builder")
     plans = [None if layer in exclude_layers else side_plans[layer] for layer in range(num_layers)]
     if exclude_layers:
         name = f"{name}+fp16:{','.join(str(layer) for layer in sorted(set(exclude_layers)))}"

@@ -18,21 +18,27 @@ import torch
 MAX_BITS = 8
 
 
+_NORMAL = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+
+
+def _cells(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The quantizer's cells for ascending levels [K]: edges [K+1] (midpoints, +-inf), pdf and cdf at the edges."""
+    infinity = torch.tensor([math.inf], dtype=torch.float64)
+    edges = torch.cat([-infinity, (levels[1:] + levels[:-1]) / 2, infinity])
+    pdf = torch.nan_to_num(torch.exp(-0.5 * edges**2) / math.sqrt(2 * math.pi), nan=0.0)
+    return edges, pdf, _NORMAL.cdf(edges)
+
+
 @functools.lru_cache(maxsize=None)
 def lloyd_max_gaussian(bits: int, iterations: int = 2000) -> torch.Tensor:
     """The 2**bits MSE-optimal levels for N(0, 1), ascending, float64 [K]."""
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
     num_levels = 2**bits
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    levels = normal.icdf((torch.arange(num_levels, dtype=torch.float64) + 0.5) / num_levels)
+    levels = _NORMAL.icdf((torch.arange(num_levels, dtype=torch.float64) + 0.5) / num_levels)
     for _ in range(iterations):
-        edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (levels[1:] + levels[:-1]) / 2,
-                           torch.tensor([math.inf], dtype=torch.float64)])
-        pdf = torch.exp(-0.5 * edges**2) / math.sqrt(2 * math.pi)
-        pdf = torch.nan_to_num(pdf, nan=0.0)
-        cdf = normal.cdf(edges)
-        new_levels = (pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1]).clamp_min(1e-300)
+        _, pdf, cdf = _cells(levels)
+        new_levels = (pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1]).clamp_min(1e-300)  # each cell's conditional mean
         if torch.allclose(new_levels, levels, atol=1e-12, rtol=0):
             return new_levels
         levels = new_levels
@@ -42,12 +48,8 @@ def lloyd_max_gaussian(bits: int, iterations: int = 2000) -> torch.Tensor:
 def gaussian_mse(bits: int) -> float:
     """Expected squared error of the b-bit Lloyd-Max quantizer on N(0, 1) (closed form over the cells)."""
     levels = lloyd_max_gaussian(bits)
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (levels[1:] + levels[:-1]) / 2,
-                       torch.tensor([math.inf], dtype=torch.float64)])
-    pdf = torch.nan_to_num(torch.exp(-0.5 * edges**2) / math.sqrt(2 * math.pi), nan=0.0)
+    edges, pdf, cdf = _cells(levels)
     finite = torch.where(torch.isinf(edges), torch.zeros_like(edges), edges)
-    cdf = normal.cdf(edges)
     # E[(X - c)^2 ; a < X < b] = (P + int x^2) - 2c int x + c^2 P, with int x phi = phi(a) - phi(b) and
     # int x^2 phi = P + a phi(a) - b phi(b).
     mass = cdf[1:] - cdf[:-1]

@@ -86,10 +86,12 @@ class IdentityCodec(KVCodec):
                                   "value": torch.zeros(shape, dtype=self.dtype, device=device)})
 
     def write(self, pages, slot_mapping, key, value) -> None:
-        write_identity(pages, slot_mapping, key, value)
+        for name, tensor in (("key", key), ("value", value)):
+            storage = pages[name]
+            storage.view(-1, *storage.shape[2:]).index_copy_(0, slot_mapping, tensor.to(storage.dtype))
 
     def gather(self, pages, block_ids):
-        return gather_identity(pages, block_ids)
+        return pages["key"][block_ids].flatten(0, 1), pages["value"][block_ids].flatten(0, 1)
 
     def decode_attention(self, query, pages, block_tables, seq_lens, scale):
         out = paged_decode_attention(query.to(self.dtype), pages["key"], pages["value"], block_tables, seq_lens, scale)
@@ -99,13 +101,3 @@ class IdentityCodec(KVCodec):
         element_size = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_kv_heads * self.head_dim * element_size
 
-
-def write_identity(pages: LayerPages, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    for name, tensor in (("key", key), ("value", value)):
-        storage = pages[name]
-        storage.view(-1, *storage.shape[2:]).index_copy_(0, slot_mapping, tensor.to(storage.dtype))
-
-
-def gather_identity(pages: LayerPages, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    key, value = pages["key"], pages["value"]
-    return key[block_ids].flatten(0, 1), value[block_ids].flatten(0, 1)

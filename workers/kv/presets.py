@@ -45,9 +45,9 @@ def check_codec_name(name: str) -> str:
     if name == "auto" or name in FLOAT_DTYPES or name == "int8" or _TQ.match(name):
         return name
     if match := _GTQ.match(name):
-        for bits in (match.group(1), match.group(2), match.group(3)):
+        for label, bits in (("bits", match.group(1)), ("key bits", match.group(2)), ("value bits", match.group(3))):
             if bits is not None and not 1.0 <= float(bits) <= 8.0:
-                raise ValueError(f"kv codec {name!r}: bits must be within 1..8, got {bits}")
+                raise ValueError(f"kv codec {name!r}: {label} must be within 1..8, got {bits}")
         return name
     raise ValueError(f"unknown kv codec {name!r}; use auto, float32, float16, bfloat16, int8, tq-k<b>v<b> "
                      f"(b in 1..8), gtq-<bits> or gtq-k<bits>v<bits> (presets: {', '.join(PRESETS)})")
@@ -57,6 +57,7 @@ def make_codec(name: str, *, model_dtype: torch.dtype, num_layers: int, num_kv_h
                device: torch.device = torch.device("cpu"), calibration: KVCalibration | None = None,
                exclude_layers: tuple[int, ...] = ()) -> KVCodec:
     """Build the codec `name`; raises ValueError naming what is wrong (unknown name, missing calibration)."""
+    check_codec_name(name)
     if name == "auto" or name in FLOAT_DTYPES:
         if exclude_layers:
             raise ValueError("kv_exclude_layers only applies to quantized codecs")
@@ -81,9 +82,6 @@ def make_codec(name: str, *, model_dtype: torch.dtype, num_layers: int, num_kv_h
         calibration.check_shape(num_layers, num_kv_heads, head_dim)
         key_bits = float(match.group(1) or match.group(2))
         value_bits = float(match.group(1) or match.group(3))
-        for label, bits in (("key", key_bits), ("value", value_bits)):
-            if not 1.0 <= bits <= 8.0:
-                raise ValueError(f"kv codec {name!r}: {label} bits must be within 1..8, got {bits}")
         side_plans = []
         for layer in range(num_layers):
             key_plan = build_side_plan(
@@ -97,8 +95,7 @@ def make_codec(name: str, *, model_dtype: torch.dtype, num_layers: int, num_kv_h
             side_plans.append((key_plan, value_plan))
         name = f"{name}@{calibration.digest()}"
     else:
-        check_codec_name(name)  # raises the one clear message
-        raise AssertionError(f"codec name {name!r} passed the check but has no builder")
+        raise AssertionError(f"codec name {name!r} passed check_codec_name but has no builder")
     plans = [None if layer in exclude_layers else side_plans[layer] for layer in range(num_layers)]
     if exclude_layers:
         name = f"{name}+fp16:{','.join(str(layer) for layer in sorted(set(exclude_layers)))}"

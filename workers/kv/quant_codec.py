@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from kernels.kv_quant import kv_encode, quant_paged_decode_attention, reference_kv_decode
-from kernels.paged_attention import paged_decode_attention
-from workers.kv.codecs import KVCodec, LayerPages, gather_identity, write_identity
+from workers.kv.codecs import IdentityCodec, KVCodec, LayerPages
 from workers.kv.quant_plan import SidePlan
 
 
@@ -26,13 +25,13 @@ class QuantCodec(KVCodec):
         self.plans = plans  # per layer: (key plan, value plan), or None for an fp16 layer
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        # Excluded layers are plain fp16 pages: every call for them goes to this codec.
+        self.fp16 = IdentityCodec(torch.float16, num_kv_heads, head_dim, lossless=False)
 
     def allocate(self, layer, num_blocks, block_size, device) -> LayerPages:
         plan = self.plans[layer]
         if plan is None:
-            shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-            return LayerPages(layer, {"key": torch.zeros(shape, dtype=torch.float16, device=device),
-                                      "value": torch.zeros(shape, dtype=torch.float16, device=device)})
+            return self.fp16.allocate(layer, num_blocks, block_size, device)
         arrays = {}
         for side, side_plan in zip(("key", "value"), plan):
             arrays[f"{side}_codes"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
@@ -44,7 +43,7 @@ class QuantCodec(KVCodec):
     def write(self, pages, slot_mapping, key, value) -> None:
         plan = self.plans[pages.layer]
         if plan is None:
-            write_identity(pages, slot_mapping, key, value)
+            self.fp16.write(pages, slot_mapping, key, value)
             return
         for side, tensor, side_plan in (("key", key, plan[0]), ("value", value, plan[1])):
             codes, scales = kv_encode(tensor, side_plan.transform, side_plan.center, side_plan.layout)
@@ -55,7 +54,7 @@ class QuantCodec(KVCodec):
     def gather(self, pages, block_ids):
         plan = self.plans[pages.layer]
         if plan is None:
-            return gather_identity(pages, block_ids)
+            return self.fp16.gather(pages, block_ids)
         decoded = []
         for side, side_plan in zip(("key", "value"), plan):
             y = reference_kv_decode(pages[f"{side}_codes"][block_ids], pages[f"{side}_scales"][block_ids],
@@ -66,9 +65,7 @@ class QuantCodec(KVCodec):
     def decode_attention(self, query, pages, block_tables, seq_lens, scale):
         plan = self.plans[pages.layer]
         if plan is None:
-            out = paged_decode_attention(query.to(torch.float16), pages["key"], pages["value"], block_tables,
-                                         seq_lens, scale)
-            return out.to(query.dtype)
+            return self.fp16.decode_attention(query, pages, block_tables, seq_lens, scale)
         key_plan, value_plan = plan
         num_seqs, num_heads, head_dim = query.shape
         grouped = query.float().view(num_seqs, self.num_kv_heads, num_heads // self.num_kv_heads, head_dim)
@@ -85,5 +82,5 @@ class QuantCodec(KVCodec):
     def bytes_per_token(self, layer: int) -> int:
         plan = self.plans[layer]
         if plan is None:
-            return 2 * self.num_kv_heads * self.head_dim * 2
+            return self.fp16.bytes_per_token(layer)
         return plan[0].bytes_per_token + plan[1].bytes_per_token

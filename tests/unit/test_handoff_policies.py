@@ -2,6 +2,7 @@
 the `fail` policy, the codec handshake, and that every failure path gives the reservation back."""
 
 import asyncio
+import contextlib
 import itertools
 from types import SimpleNamespace
 
@@ -41,7 +42,9 @@ class NullMetrics:
         pass
 
 
-def decode_server(tiny_loaded, policy: str, error: Exception) -> DecodeServer:
+@contextlib.contextmanager
+def decode_server(tiny_loaded, policy: str, error: Exception):
+    """A DecodeServer whose prefill tier fails with `error`; its engine loop is shut down on exit."""
     server = DecodeServer.__new__(DecodeServer)  # skip __init__: no Serve replica context here
     server.config = ServeConfig.model_validate({"transfer_failure_policy": policy, "transfer_timeout_s": 1})
     server.engine = AsyncEngine(make_engine(tiny_loaded))
@@ -54,7 +57,10 @@ def decode_server(tiny_loaded, policy: str, error: Exception) -> DecodeServer:
     response = FailingResponse(error)
     server.prefill = SimpleNamespace(prefill=SimpleNamespace(remote=lambda request: response))
     server.response = response
-    return server
+    try:
+        yield server
+    finally:
+        server.engine.shutdown()
 
 
 async def consume(server, request) -> list[int]:
@@ -65,36 +71,27 @@ REQUEST = DecodeRequest("r1", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, temp
 
 
 def test_fail_policy_raises_a_clear_error_and_frees_the_reservation(tiny_loaded):
-    server = decode_server(tiny_loaded, "fail", KVTransferError("prefill replica gone"))
-    try:
+    with decode_server(tiny_loaded, "fail", KVTransferError("prefill replica gone")) as server:
         with pytest.raises(TransferFailedError, match="KV transfer failed for request r1"):
             asyncio.run(consume(server, REQUEST))
         assert server.response.cancelled and server.num_transfer_failures == 1
         assert server.engine.engine.pool.num_used_blocks == 0
-    finally:
-        server.engine.shutdown()
 
 
 def test_recompute_policy_prefills_locally(tiny_loaded):
-    server = decode_server(tiny_loaded, "recompute", KVTransferError("prefill replica gone"))
-    try:
+    with decode_server(tiny_loaded, "recompute", KVTransferError("prefill replica gone")) as server:
         tokens = asyncio.run(consume(server, REQUEST))
         expected = make_engine(tiny_loaded).generate([REQUEST.prompt_token_ids], REQUEST.params)[0].token_ids
         assert tokens == expected and server.num_transfer_failures == 1
         assert server.engine.engine.pool.num_used_blocks == 0
-    finally:
-        server.engine.shutdown()
 
 
 def test_codec_mismatch_is_refused_before_any_work(tiny_loaded):
     # Decode side: the mismatch propagates (no silent recompute) and the reservation is released.
-    server = decode_server(tiny_loaded, "recompute", CodecMismatchError("KV layout mismatch"))
-    try:
+    with decode_server(tiny_loaded, "recompute", CodecMismatchError("KV layout mismatch")) as server:
         with pytest.raises(CodecMismatchError):
             asyncio.run(consume(server, REQUEST))
         assert server.engine.engine.pool.num_used_blocks == 0 and server.num_transfer_failures == 0
-    finally:
-        server.engine.shutdown()
     # Prefill side: checks the layout first, so nothing is computed or held.
     prefill = PrefillServer.__new__(PrefillServer)
     prefill.layout, prefill._injected_failures = LAYOUT, 0

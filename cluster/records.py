@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.kv.block_scores import ScoreSpec
 from workers.kv.transfer import PeerEndpoint
 from workers.sampling_params import SamplingParams
 
@@ -41,6 +42,7 @@ class PrefillRequest:
     layout: KVLayout
     num_blocks: int  # blocks the decode side reserved
     tag: int  # message tag on the pair's group (several transfers may share one group)
+    score_spec: ScoreSpec | None = None  # the decode tier evicts: compute its observation-window block votes
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class KVTicket:
     num_cached_tokens: int  # prefix-cache hit on the prefill tier
     prefill_replica: str
     seconds: float  # prefill + transfer, on the prefill replica
+    block_scores: tuple[float, ...] | None = None  # per block, when the request carried a score_spec
     # Set only when no process group could be formed: the encoded blocks ride in the ticket itself
     # (through Ray's object store) instead of over torch.distributed.
     payload: torch.Tensor | None = None

@@ -104,7 +104,7 @@ class PrefillServer(EngineServer):
         params = SamplingParams(**{**request.params.__dict__, "max_tokens": 1})
         first = None
         stream = self.engine.generate(request.request_id, prompt_token_ids=request.prompt_token_ids, params=params,
-                                      hold_kv=True)
+                                      hold_kv=True, score_spec=request.score_spec)
         try:
             async for output in stream:
                 first = output
@@ -131,7 +131,7 @@ class PrefillServer(EngineServer):
         return KVTicket(request_id=request.request_id, first_token_id=held.first_token_id,
                         num_tokens=held.num_tokens, num_blocks=len(held.block_ids), nbytes=nbytes,
                         num_cached_tokens=first.num_cached_tokens if first else 0, prefill_replica=self.replica_id,
-                        seconds=time.perf_counter() - started, payload=payload)
+                        seconds=time.perf_counter() - started, payload=payload, block_scores=held.block_scores)
 
     def _send(self, request: PrefillRequest, block_ids: list[int]) -> int:
         epoch = self._epochs.setdefault(request.decode_replica, 0)
@@ -197,7 +197,7 @@ class DecodeServer(EngineServer):
         prefill_response = self.prefill.prefill.remote(PrefillRequest(
             request_id=request_id, prompt_token_ids=request.prompt_token_ids, params=request.params,
             decode_endpoint=self.transport.endpoint, decode_replica=self.replica_id, layout=self.layout,
-            num_blocks=len(block_ids), tag=tag))
+            num_blocks=len(block_ids), tag=tag, score_spec=seq.score_spec))
         try:
             ticket: KVTicket = await asyncio.wait_for(_await(prefill_response),
                                                       timeout=self.config.transfer_timeout_s * 3)
@@ -227,7 +227,7 @@ class DecodeServer(EngineServer):
         self.transfer_bytes += nbytes
         self.metrics.record_transfer(nbytes, time.perf_counter() - started)
         seq.num_cached_tokens = ticket.num_cached_tokens  # the prefix hit happened on the prefill tier
-        return self.engine.stream_imported(request_id, ticket.first_token_id)
+        return self.engine.stream_imported(request_id, ticket.first_token_id, ticket.block_scores)
 
     def _receive(self, request_id: str, block_ids: list[int], tag: int) -> int:
         sender = self.transport.await_announcement(f"kv/{request_id}")  # "<prefill replica>#<epoch>"

@@ -35,9 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.block_mass import block_mass_from_lse, block_mass_from_probs, check_token_weights, gather_token_weights
+
 try:  # Triton is optional: CPU-only machines must still import this module.
     import triton
     import triton.language as tl
+
+    from kernels.block_mass import store_block_log_mass
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -148,13 +152,20 @@ def reference_quant_paged_decode_attention(
     block_tables: torch.Tensor,  # [B, M] int32
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
-) -> torch.Tensor:
-    """-> [B, H, D] float32 in the transformed value space. Decodes blocks chunk by chunk (never the whole cache)."""
+    *,
+    token_weights: torch.Tensor | None = None,  # [N, S, Hkv] float32
+    with_block_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """-> [B, H, D] float32 in the transformed value space. Decodes blocks chunk by chunk (never the whole cache).
+
+    With ``with_block_mass`` also returns the per-block attention mass [B, Hkv, M] (kernels/block_mass.py).
+    """
     B, H, D = query.shape
     N, S, Hkv, _ = key_codes.shape
     G = H // Hkv
     if B == 0:
-        return query.new_empty(B, H, D, dtype=torch.float32)
+        out = query.new_empty(B, H, D, dtype=torch.float32)
+        return (out, query.new_zeros(B, Hkv, block_tables.shape[1], dtype=torch.float32)) if with_block_mass else out
     num_blocks = -(-int(seq_lens.max()) // S)
     L = num_blocks * S
     chunk_blocks = max(1, min(num_blocks, _CPU_CHUNK_ELEMS // (B * S * Hkv * D)))
@@ -178,7 +189,11 @@ def reference_quant_paged_decode_attention(
         c1 = min(c0 + chunk_blocks, num_blocks)
         values = decoded(value_codes, value_scales, value_layout, c0, c1)
         out += torch.einsum("bhgl,blhd->bhgd", probs[..., c0 * S: c1 * S], values)
-    return out.view(B, H, D)
+    out = out.view(B, H, D)
+    if not with_block_mass:
+        return out
+    weights = gather_token_weights(token_weights, table) if token_weights is not None else None
+    return out, block_mass_from_probs(probs, weights, S, block_tables.shape[1])
 
 
 def kv_encode(x, transform, center, layout):
@@ -188,12 +203,11 @@ def kv_encode(x, transform, center, layout):
 
 
 def quant_paged_decode_attention(query, key_codes, key_scales, key_layout, value_codes, value_scales, value_layout,
-                                 block_tables, seq_lens, scale):
-    if query.is_cuda and _HAS_TRITON:
-        return triton_quant_paged_decode_attention(query, key_codes, key_scales, key_layout, value_codes,
-                                                   value_scales, value_layout, block_tables, seq_lens, scale)
-    return reference_quant_paged_decode_attention(query, key_codes, key_scales, key_layout, value_codes,
-                                                  value_scales, value_layout, block_tables, seq_lens, scale)
+                                 block_tables, seq_lens, scale, *, token_weights=None, with_block_mass=False):
+    attend = triton_quant_paged_decode_attention if query.is_cuda and _HAS_TRITON \
+        else reference_quant_paged_decode_attention
+    return attend(query, key_codes, key_scales, key_layout, value_codes, value_scales, value_layout,
+                  block_tables, seq_lens, scale, token_weights=token_weights, with_block_mass=with_block_mass)
 
 
 def _check_layout(layout: CodeLayout, num_kv_heads: int, head_dim: int, code_bytes: int, side: str) -> None:
@@ -361,6 +375,7 @@ if _HAS_TRITON:
         k_codes_ptr, k_scales_ptr, k_bits_ptr, k_bitpos_ptr, k_group_ptr, k_codebook_ptr,
         v_codes_ptr, v_scales_ptr, v_bits_ptr, v_bitpos_ptr, v_group_ptr, v_codebook_ptr,
         bt_ptr, sl_ptr, out_ptr,
+        w_ptr, block_lse_ptr, lse_ptr,
         scale,
         stride_qb, stride_qh,
         stride_kcn, stride_kcs, stride_kch,
@@ -370,8 +385,11 @@ if _HAS_TRITON:
         stride_k_codebook, stride_v_codebook,
         stride_btb,
         stride_ob, stride_oh,
+        stride_wn, stride_ws,
+        stride_mb, stride_mh, stride_lb,
         G: tl.constexpr, D: tl.constexpr, K_NUM_BYTES: tl.constexpr, V_NUM_BYTES: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        WITH_MASS: tl.constexpr, WITH_WEIGHTS: tl.constexpr,
     ):
         # Same schedule as _paged_decode_kernel: one program per (sequence, KV head) serving its G query
         # heads, so each block's codes are read and decoded once for the whole group.
@@ -425,6 +443,9 @@ if _HAS_TRITON:
             # [G, S] scores via broadcast-multiply-reduce (see _paged_decode_kernel for why not tl.dot).
             s = tl.sum(q[:, None, :] * k_hat[None, :, :], axis=2)
             s = tl.where(tok_mask[None, :], s, float("-inf"))
+            if WITH_MASS:  # eviction scores: the block's share of the softmax, finished by block_mass_from_lse
+                store_block_log_mass(s, w_ptr + block * stride_wn + offs_s * stride_ws + kvh, tok_mask,
+                                     block_lse_ptr + seq * stride_mb + heads * stride_mh + j, g_mask, WITH_WEIGHTS)
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)  # rescales what was accumulated under the old max
@@ -439,6 +460,8 @@ if _HAS_TRITON:
             out,
             mask=g_mask[:, None] & d_mask[None, :],
         )
+        if WITH_MASS:
+            tl.store(lse_ptr + seq * stride_lb + heads, m_i + tl.log(l_i), mask=g_mask)
 
 
 def triton_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor,
@@ -493,7 +516,10 @@ def triton_quant_paged_decode_attention(
     block_tables: torch.Tensor,  # [B, M] int32
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
-) -> torch.Tensor:
+    *,
+    token_weights: torch.Tensor | None = None,  # [N, S, Hkv] float32
+    with_block_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``reference_quant_paged_decode_attention`` -> [B, H, D] float32 (transformed value space).
 
     Needs CUDA, or TRITON_INTERPRET=1 for CPU tensors.
@@ -536,13 +562,18 @@ def triton_quant_paged_decode_attention(
     v_bits, v_bitpos, v_group, v_codebook, _ = _layout_tensors(value_layout)
 
     out = torch.empty(B, H, D, dtype=torch.float32, device=query.device)
+    M = block_tables.shape[1]
+    block_lse = torch.full((B, H, M), float("-inf"), dtype=torch.float32, device=query.device)
+    lse = torch.zeros(B, H, dtype=torch.float32, device=query.device)
+    weights = check_token_weights(token_weights, key_codes) if token_weights is not None else lse
     if B == 0:
-        return out
+        return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
     _quant_paged_decode_kernel[(B, Hkv)](
         query,
         key_codes, key_scales, k_bits, k_bitpos, k_group, k_codebook,
         value_codes, value_scales, v_bits, v_bitpos, v_group, v_codebook,
         block_tables, seq_lens, out,
+        weights, block_lse, lse,
         float(scale),
         query.stride(0), query.stride(1),
         key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
@@ -552,7 +583,10 @@ def triton_quant_paged_decode_attention(
         k_codebook.stride(0), v_codebook.stride(0),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        weights.stride(0), weights.stride(1) if weights.dim() == 3 else 0,
+        block_lse.stride(0), block_lse.stride(1), lse.stride(0),
         G=G, D=D, K_NUM_BYTES=key_layout.num_bytes, V_NUM_BYTES=value_layout.num_bytes,
         BLOCK_G=triton.next_power_of_2(G), BLOCK_S=S, BLOCK_D=triton.next_power_of_2(D),
+        WITH_MASS=with_block_mass, WITH_WEIGHTS=token_weights is not None,
     )
-    return out
+    return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out

@@ -16,9 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.block_mass import block_mass_from_lse, block_mass_from_probs, check_token_weights, gather_token_weights
+
 try:  # Triton is optional: CPU-only machines must still import this module.
     import triton
     import triton.language as tl
+
+    from kernels.block_mass import store_block_log_mass
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is absent
@@ -76,8 +80,13 @@ def reference_paged_decode_attention(
     scale: float,
     *,
     chunk_blocks: int | None = None,
-) -> torch.Tensor:
+    token_weights: torch.Tensor | None = None,
+    with_block_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch paged decode attention; fp32 math, output in query's dtype.
+
+    With ``with_block_mass`` also returns the per-block attention mass [B, Hkv, M] (kernels/block_mass.py),
+    weighted per token by ``token_weights`` [N, S, Hkv] when given.
 
     Two passes over the sequences' blocks, ``chunk_blocks`` block columns at a time
     (default: sized from ``_CPU_CHUNK_ELEMS``): pass 1 fills the full score matrix
@@ -88,7 +97,8 @@ def reference_paged_decode_attention(
     N, S, Hkv, _ = key_cache.shape
     G = H // Hkv
     if B == 0:
-        return query.new_empty(B, H, D)
+        out = query.new_empty(B, H, D)
+        return (out, query.new_zeros(B, Hkv, block_tables.shape[1], dtype=torch.float32)) if with_block_mass else out
 
     # Only gather as many block columns as the longest sequence needs; the rest of
     # block_tables is padding.
@@ -143,7 +153,11 @@ def reference_paged_decode_attention(
         v.view(-1, Hkv * D).index_fill_(0, bad_rows, 0.0)
         for h in range(Hkv):
             out[h].baddbmm_(probs[h, :, :, c0 * S : c1 * S], v[:, :, h])
-    return out.transpose(0, 1).reshape(B, H, D).to(query.dtype)
+    out = out.transpose(0, 1).reshape(B, H, D).to(query.dtype)
+    if not with_block_mass:
+        return out
+    weights = gather_token_weights(token_weights, table) if token_weights is not None else None
+    return out, block_mass_from_probs(probs.permute(1, 0, 2, 3), weights, S, block_tables.shape[1])
 
 
 # Below this many gathered tokens (B x L) one fused SDPA call beats the chunked reference: at small
@@ -178,14 +192,18 @@ if _HAS_TRITON:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr,
+        w_ptr, block_lse_ptr, lse_ptr,
         scale,
         stride_qb, stride_qh,
         stride_kn, stride_ks, stride_kh,
         stride_vn, stride_vs, stride_vh,
         stride_btb,
         stride_ob, stride_oh,
+        stride_wn, stride_ws,
+        stride_mb, stride_mh, stride_lb,
         G: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        WITH_MASS: tl.constexpr, WITH_WEIGHTS: tl.constexpr,
     ):
         # One program per (sequence, KV head), handling that head's G query heads together:
         # decode is bound by reading K/V, and this way each K/V tile is loaded once for all
@@ -235,6 +253,9 @@ if _HAS_TRITON:
             # rows, and decode is memory-bound anyway.
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
             s = tl.where(tok_mask[None, :], s, float("-inf"))
+            if WITH_MASS:  # eviction scores: the block's share of the softmax, finished by block_mass_from_lse
+                store_block_log_mass(s, w_ptr + block * stride_wn + offs_s * stride_ws + kvh, tok_mask,
+                                     block_lse_ptr + seq * stride_mb + heads * stride_mh + j, g_mask, WITH_WEIGHTS)
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)  # rescales what was accumulated under the old max
@@ -249,6 +270,8 @@ if _HAS_TRITON:
             out.to(out_ptr.dtype.element_ty),
             mask=g_mask[:, None] & d_mask[None, :],
         )
+        if WITH_MASS:
+            tl.store(lse_ptr + seq * stride_lb + heads, m_i + tl.log(l_i), mask=g_mask)
 
 
 def triton_paged_decode_attention(
@@ -258,8 +281,14 @@ def triton_paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
-    """Triton paged decode attention (needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)."""
+    *,
+    token_weights: torch.Tensor | None = None,
+    with_block_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Triton paged decode attention (needs CUDA, or TRITON_INTERPRET=1 for CPU tensors).
+
+    ``token_weights`` / ``with_block_mass`` as in ``reference_paged_decode_attention``.
+    """
     if not _HAS_TRITON:
         raise RuntimeError("triton_paged_decode_attention: triton is not installed; use reference_paged_decode_attention")
     # A bad shape here is an out-of-bounds read on the GPU, not an exception: check first.
@@ -276,20 +305,30 @@ def triton_paged_decode_attention(
     seq_lens = seq_lens.contiguous()
 
     out = torch.empty_like(query)
+    M = block_tables.shape[1]
+    # Blocks a sequence does not visit keep -inf, i.e. mass 0.
+    block_lse = torch.full((B, H, M), float("-inf"), dtype=torch.float32, device=query.device)
+    lse = torch.zeros(B, H, dtype=torch.float32, device=query.device)
+    weights = check_token_weights(token_weights, key_cache) if token_weights is not None else lse
     if B == 0:
-        return out
+        return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
     _paged_decode_kernel[(B, Hkv)](
         query, key_cache, value_cache, block_tables, seq_lens, out,
+        weights, block_lse, lse,
         float(scale),
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        weights.stride(0), weights.stride(1) if weights.dim() == 3 else 0,
+        block_lse.stride(0), block_lse.stride(1), lse.stride(0),
         G=G, D=D,
         BLOCK_G=triton.next_power_of_2(G), BLOCK_S=S, BLOCK_D=triton.next_power_of_2(D),
+        WITH_MASS=with_block_mass, WITH_WEIGHTS=token_weights is not None,
     )
-    return out
+    return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
+
 
 
 def paged_decode_attention(
@@ -299,11 +338,20 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
-    """Paged decode attention: Triton kernel on CUDA when available, torch reference otherwise."""
+    *,
+    token_weights: torch.Tensor | None = None,
+    with_block_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Paged decode attention: Triton kernel on CUDA when available, torch reference otherwise.
+
+    With ``with_block_mass`` returns (out, block mass [B, Hkv, M]); see kernels/block_mass.py.
+    """
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens)
     if query.is_cuda and _HAS_TRITON:
-        return triton_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
-    if query.shape[0] * block_tables.shape[1] * key_cache.shape[1] <= SDPA_MAX_GATHERED_TOKENS:
+        return triton_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                             token_weights=token_weights, with_block_mass=with_block_mass)
+    # SDPA never exposes its probabilities, so a call that wants the block mass takes the reference.
+    if not with_block_mass and query.shape[0] * block_tables.shape[1] * key_cache.shape[1] <= SDPA_MAX_GATHERED_TOKENS:
         return sdpa_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
-    return reference_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
+    return reference_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                            token_weights=token_weights, with_block_mass=with_block_mass)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from workers.engine import Engine
+from workers.kv.block_scores import ScoreSpec
 from workers.outputs import RequestOutput
 from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
@@ -58,6 +59,7 @@ class _Call:
 class _Commit:
     request_id: str
     first_token_id: int
+    block_scores: tuple[float, ...] | None
     stream: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -72,20 +74,23 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                       params: SamplingParams | None = None, hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams | None = None, hold_kv: bool = False,
+                       score_spec: ScoreSpec | None = None) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs until the request finishes. Closing the iterator early aborts the request."""
         self._check_alive()
-        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, hold_kv)  # raises on bad input
+        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, hold_kv,
+                                        score_spec)  # raises on bad input
         stream: asyncio.Queue = asyncio.Queue()
         self._inbox.put(_Add(seq, stream, asyncio.get_running_loop()))
         async for output in self._drain(request_id, stream):
             yield output
 
-    async def stream_imported(self, request_id: str, first_token_id: int) -> AsyncIterator[RequestOutput]:
+    async def stream_imported(self, request_id: str, first_token_id: int,
+                              block_scores: tuple[float, ...] | None = None) -> AsyncIterator[RequestOutput]:
         """Start decoding a request whose KV was imported into blocks from reserve_import."""
         self._check_alive()
         stream: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Commit(request_id, first_token_id, stream, asyncio.get_running_loop()))
+        self._inbox.put(_Commit(request_id, first_token_id, block_scores, stream, asyncio.get_running_loop()))
         async for output in self._drain(request_id, stream):
             yield output
 
@@ -165,7 +170,7 @@ class AsyncEngine:
         elif isinstance(command, _Commit):
             self._streams[command.request_id] = command
             try:
-                output = self.engine.commit_import(command.request_id, command.first_token_id)
+                output = self.engine.commit_import(command.request_id, command.first_token_id, command.block_scores)
             except Exception as exc:
                 del self._streams[command.request_id]
                 _put(command.loop, command.stream, _Rejected(exc))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workers.kv.block_scores import ScoreCollector, Weighting, observation_block_mass, value_weights
 from workers.kv.codecs import KVCodec, LayerPages
 
 
@@ -22,6 +23,8 @@ class PrefillChunk:
     query_len: int  # tokens computed this step
     context_len: int  # tokens already in the cache before this chunk (prefix hit or earlier chunks)
     block_ids: torch.Tensor  # [ceil((context_len + query_len) / S)] int64, the sequence's blocks in order
+    observe_window: int = 0  # the chunk's last queries that vote for the blocks to keep (end of prefill)
+    observe_weighting: Weighting = "none"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [Bd, M] int32
     decode_seq_lens: torch.Tensor | None  # [Bd] int32, including the token decoded this step
     prefills: tuple[PrefillChunk, ...]
+    scores: ScoreCollector | None = None  # eviction by-products, when the engine keeps block scores
 
 
 def paged_attention(
@@ -43,13 +47,20 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     codec.write(pages, meta.slot_mapping, key, value)
+    scores = meta.scores
+    if scores is not None and scores.store is not None:
+        scores.store.write(pages.layer, meta.slot_mapping, value)
     out = torch.empty_like(query)
     num_decode = meta.num_decode_tokens
     if num_decode:
-        out[:num_decode] = codec.decode_attention(
-            query[:num_decode], pages, meta.decode_block_tables, meta.decode_seq_lens, scale
-        )
-    for chunk in meta.prefills:
+        args = (query[:num_decode], pages, meta.decode_block_tables, meta.decode_seq_lens, scale)
+        if scores is not None and scores.collect_decode:
+            out[:num_decode], mass = codec.decode_attention(
+                *args, token_weights=scores.decode_weights(pages.layer), with_block_mass=True)
+            scores.add_decode(mass)
+        else:
+            out[:num_decode] = codec.decode_attention(*args)
+    for chunk_index, chunk in enumerate(meta.prefills):
         end = chunk.query_start + chunk.query_len
         chunk_query = query[chunk.query_start:end]
         if chunk.context_len == 0 and codec.lossless:
@@ -62,6 +73,10 @@ def paged_attention(
             chunk_key, chunk_value = codec.gather(pages, chunk.block_ids)
             chunk_key, chunk_value = chunk_key[:total_len], chunk_value[:total_len]
         out[chunk.query_start:end] = causal_attention(chunk_query, chunk_key, chunk_value, scale)
+        if chunk.observe_window:
+            weights = value_weights(chunk_value, chunk.observe_weighting, scores.output_map(pages.layer))
+            scores.add_observation(chunk_index, observation_block_mass(
+                chunk_query[-chunk.observe_window:], chunk_key, weights, scale, scores.block_size))
     return out
 
 

@@ -10,6 +10,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class EvictionConfig(BaseModel):
+    """KV eviction for long contexts (workers/kv/eviction.py): a policy and a per-sequence budget."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal["none", "streaming", "h2o", "snapkv", "value_aware"] = "none"
+    budget: float | None = Field(None, gt=0, le=1, description="keep at most this fraction of a sequence's blocks")
+    budget_blocks: int | None = Field(None, ge=1, description="or at most this many blocks per sequence")
+    sink_blocks: int = Field(1, ge=0, description="first blocks never evicted (attention sinks)")
+    recent_blocks: int = Field(4, ge=1, description="last blocks never evicted (the local window)")
+    observe_window: int = Field(32, ge=1, description="prompt queries whose attention scores blocks after prefill")
+    value_norm: Literal["l1", "output"] = Field(
+        "l1", description="value_aware weighting: ||v||_1 (VATP) or ||W_O v||_2 (effect on the output)")
+
+    @model_validator(mode="after")
+    def _budget_given(self) -> "EvictionConfig":
+        if self.policy != "none" and self.budget is None and self.budget_blocks is None:
+            raise ValueError(f"kv_eviction: policy {self.policy!r} needs a budget (fraction) or budget_blocks")
+        if self.budget_blocks is not None and self.budget_blocks < self.sink_blocks + self.recent_blocks:
+            raise ValueError(f"kv_eviction: budget_blocks ({self.budget_blocks}) must cover sink_blocks + "
+                             f"recent_blocks ({self.sink_blocks + self.recent_blocks})")
+        return self
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,6 +54,8 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = leave torch's default")
     role: Literal["unified", "prefill", "decode"] = "unified"
+    kv_eviction: EvictionConfig = Field(default_factory=EvictionConfig,
+                                        description="long-context KV eviction (decode and unified roles)")
 
     @field_validator("kv_codec")
     @classmethod

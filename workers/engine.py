@@ -16,12 +16,14 @@ import torch
 
 from workers.config import EngineConfig
 from workers.kv.block_pool import BlockPool
+from workers.kv.block_scores import ScoreSpec, TokenWeightStore, output_maps
 from workers.kv.calibration import KVCalibration
 from workers.kv.codecs import KVCodec
+from workers.kv.eviction import EvictionBudget, EvictionCandidate, EvictionPolicy, NoEviction, make_eviction_policy
 from workers.kv.presets import make_codec
 from workers.kv.manager import KVCacheManager
 from workers.model.loader import LoadedModel, load_model
-from workers.model_runner import ModelRunner
+from workers.model_runner import ModelOutput, ModelRunner
 from workers.outputs import RequestOutput, TextState
 from workers.sampler import sample
 from workers.sampling_params import InvalidRequestError, SamplingParams
@@ -39,6 +41,7 @@ class HeldKV:
     block_ids: tuple[int, ...]
     num_tokens: int  # tokens whose K/V the blocks hold (the prompt)
     first_token_id: int
+    block_scores: tuple[float, ...] | None = None  # observation-window votes, when the decode tier asked for them
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class KVStats:
     num_free_blocks: int
     block_size: int
     bytes_per_block: int
+    num_evicted_blocks: int  # lifetime count of blocks dropped by the eviction policy
 
 
 class Engine:
@@ -75,7 +79,9 @@ class Engine:
         self.pool = BlockPool(num_blocks, enable_prefix_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, self.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.codec, self.kv_pages, self.block_size)
+        self._init_eviction(config, model_config, num_blocks)
+        self.runner = ModelRunner(self.model, self.codec, self.kv_pages, self.block_size,
+                                  weight_store=self.weight_store, output_maps=self._output_maps)
         # A lone sequence must always fit in the pool, or it could wait forever.
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * self.block_size)
@@ -86,10 +92,35 @@ class Engine:
         self._importing: dict[str, Sequence] = {}  # decode role: blocks reserved, bytes in flight
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
 
+    def _init_eviction(self, config: EngineConfig, model_config, num_blocks: int) -> None:
+        """The eviction policy and what feeds its scores. A prefill replica never evicts (it hands over the whole
+        prompt) but computes the observation-window votes a decode tier asks for, so it keeps the output maps."""
+        eviction = config.kv_eviction
+        budget = EvictionBudget(fraction=eviction.budget, max_blocks=eviction.budget_blocks,
+                                sink_blocks=eviction.sink_blocks, recent_blocks=eviction.recent_blocks)
+        self.eviction: EvictionPolicy = make_eviction_policy(
+            "none" if config.role == "prefill" else eviction.policy, budget, eviction.observe_window,
+            eviction.value_norm)
+        self.score_spec: ScoreSpec | None = self.eviction.score_spec
+        weighting = self.score_spec.weighting if self.score_spec is not None else "none"
+        self._output_maps = None
+        if config.role == "prefill" or weighting == "output":
+            self._output_maps = output_maps([layer.self_attn.o_proj.weight for layer in self.model.layers],
+                                            model_config.num_kv_heads, model_config.head_dim)
+        self.weight_store = None
+        if weighting != "none":
+            self.weight_store = TokenWeightStore(weighting, model_config.num_layers, num_blocks, self.block_size,
+                                                 model_config.num_kv_heads, self.device, self._output_maps)
+        self.num_evicted_blocks = 0
+
     # ---- requests -------------------------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                      params: SamplingParams | None = None, hold_kv: bool = False) -> Sequence:
-        """Validate and tokenize a request (no engine state touched: safe from any thread)."""
+                      params: SamplingParams | None = None, hold_kv: bool = False,
+                      score_spec: ScoreSpec | None = None) -> Sequence:
+        """Validate and tokenize a request (no engine state touched: safe from any thread).
+
+        score_spec: block scores a decode tier wants computed here (prefill role); otherwise the engine's own.
+        """
         params = params or SamplingParams()
         if not request_id:
             raise InvalidRequestError("request_id", "must be a non-empty string")
@@ -113,7 +144,7 @@ class Engine:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         return Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
                         arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids, generator=generator,
-                        hold_kv=hold_kv)
+                        hold_kv=hold_kv, score_spec=score_spec or self.score_spec)
 
     def add_sequence(self, seq: Sequence) -> None:
         self._check_new_id(seq.request_id)
@@ -162,9 +193,21 @@ class Engine:
         self._importing[seq.request_id] = seq
         return list(seq.block_table)
 
-    def commit_import(self, request_id: str, first_token_id: int) -> RequestOutput:
-        """The KV bytes are in the reserved blocks: join the running batch and emit the prefill's first token."""
+    def commit_import(self, request_id: str, first_token_id: int,
+                      block_scores: tuple[float, ...] | None = None) -> RequestOutput:
+        """The KV bytes are in the reserved blocks: join the running batch and emit the prefill's first token.
+
+        block_scores: the observation-window votes the prefill tier computed for this engine's eviction policy.
+        """
         seq = self._importing.pop(request_id)
+        if block_scores is not None and seq.score_spec is not None:
+            seq.block_scores = torch.tensor(block_scores, dtype=torch.float32)
+        if self.weight_store is not None:
+            # Value weights are written with the K/V; imported pages were written elsewhere, so derive them from
+            # the decoded pages once, here.
+            for layer, pages in enumerate(self.kv_pages):
+                block_ids = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
+                self.weight_store.write_blocks(layer, seq.block_table, self.codec.gather(pages, block_ids)[1])
         if seq.generator is not None:
             # The prefill replica drew the first token's noise from this seed: skip that draw so a
             # seeded request continues exactly as it would have in one process.
@@ -186,7 +229,7 @@ class Engine:
     def kv_stats(self) -> KVStats:
         return KVStats(num_blocks=self.pool.num_blocks, num_used_blocks=self.pool.num_used_blocks,
                        num_free_blocks=self.pool.num_free_blocks, block_size=self.block_size,
-                       bytes_per_block=self._bytes_per_block)
+                       bytes_per_block=self._bytes_per_block, num_evicted_blocks=self.num_evicted_blocks)
 
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -194,13 +237,51 @@ class Engine:
         if scheduled.is_empty:
             return []
         model_output = self.runner.execute(scheduled.scheduled)
+        if model_output.scores is not None:
+            self._add_votes(model_output)
         for item in scheduled.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.kv.cache_full_blocks(item.seq)
         seqs = model_output.sampled_seqs
         sampled = sample(model_output.logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return [self._postprocess(seq, token_id, logprobs)
-                for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs)]
+        outputs = [self._postprocess(seq, token_id, logprobs)
+                   for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs)]
+        if not isinstance(self.eviction, NoEviction):
+            for item in scheduled.scheduled:
+                self._evict_over_budget(item.seq)
+        return outputs
+
+    def _add_votes(self, model_output: ModelOutput) -> None:
+        """Fold the step's attention by-products into the sequences' block scores."""
+        scores = model_output.scores
+        for chunk_index, seq in model_output.observed_seqs.items():
+            seq.block_scores = _fit(scores.observed[chunk_index].cpu(), len(seq.block_table))
+        if scores.decode_mass is None:
+            return
+        decode_mass = scores.decode_mass.cpu()
+        for row, seq in enumerate(model_output.decode_seqs):
+            spec = seq.score_spec
+            # A 1-token final prefill chunk runs as a decode row: its vote stands in for the observation window.
+            if spec is None or (not spec.accumulate_decode and seq.block_scores is not None):
+                continue
+            votes = decode_mass[row, :len(seq.block_table)]
+            previous = seq.block_scores
+            seq.block_scores = votes if previous is None else _fit(previous, votes.shape[0]) + votes
+
+    def _evict_over_budget(self, seq: Sequence) -> None:
+        """Evict once prefill is done (every known token computed but the one just sampled) and while running."""
+        if seq.is_finished or seq.hold_kv or seq.num_computed_tokens != seq.num_tokens - 1:
+            return
+        table = seq.block_table
+        candidate = EvictionCandidate(
+            request_id=seq.request_id, num_blocks=len(table),
+            num_evicted_blocks=seq.num_evicted_tokens // self.block_size,
+            shared=tuple(self.kv.is_shared(block) for block in table),
+            scores=_fit(seq.block_scores, len(table)) if seq.block_scores is not None else None)
+        indices = self.eviction.select(candidate)
+        if indices:
+            self.kv.evict(seq, indices)
+            self.num_evicted_blocks += len(indices)
 
     def _postprocess(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.output_token_ids.append(token_id)
@@ -222,8 +303,9 @@ class Engine:
         self.scheduler.finish(seq, free_blocks=not hold)
         if hold:
             # The blocks hold the prompt's K/V (the sampled token is not computed yet).
+            scores = tuple(seq.block_scores.tolist()) if seq.block_scores is not None else None
             self._held[seq.request_id] = (seq, HeldKV(seq.request_id, tuple(seq.block_table), seq.num_prompt_tokens,
-                                                      seq.output_token_ids[-1]))
+                                                      seq.output_token_ids[-1], scores))
         text_state = self._text.pop(seq.request_id)
         if reason is not FinishReason.STOP or not seq.params.stop:
             text_delta += text_state.finish()
@@ -251,6 +333,13 @@ class Engine:
                 if output.request_id in completions:
                     completions[output.request_id].add(output)
         return [completions[request_id] for request_id in request_ids]
+
+
+def _fit(scores: torch.Tensor, length: int) -> torch.Tensor:
+    """Scores padded with zeros (blocks written since the last vote) or cut to `length` blocks."""
+    if scores.shape[0] >= length:
+        return scores[:length]
+    return torch.cat([scores, scores.new_zeros(length - scores.shape[0])])
 
 
 @dataclass

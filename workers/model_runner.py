@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.attention import AttentionMetadata, PrefillChunk
+from workers.kv.block_scores import ScoreCollector, TokenWeightStore
 from workers.kv.codecs import KVCodec, LayerPages
 from workers.model.llama import LlamaForCausalLM
 from workers.scheduler import ScheduledSequence
@@ -23,15 +24,23 @@ from workers.sequence import Sequence
 class ModelOutput:
     sampled_seqs: list[Sequence]  # sequences whose next token must be sampled, in logits row order
     logits: torch.Tensor  # [N, V] float32
+    decode_seqs: list[Sequence]  # the step's decode rows, in order (rows of scores.decode_mass)
+    observed_seqs: dict[int, Sequence]  # prefill chunk index -> the sequence whose observation window it ran
+    scores: ScoreCollector | None
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, codec: KVCodec, kv_pages: list[LayerPages], block_size: int):
+    def __init__(self, model: LlamaForCausalLM, codec: KVCodec, kv_pages: list[LayerPages], block_size: int,
+                 weight_store: TokenWeightStore | None = None, output_maps: list[torch.Tensor] | None = None):
         self.model = model
         self.codec = codec
         self.kv_pages = kv_pages
         self.block_size = block_size
         self.device = model.device
+        # Eviction scores (workers/kv/block_scores.py): decode rows report their block mass when a sequence keeps
+        # scores; value weights are written for every token when the engine's policy weighs votes by them.
+        self.weight_store = weight_store
+        self.output_maps = output_maps
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
@@ -49,19 +58,28 @@ class ModelRunner:
             position = seq.num_computed_tokens
             input_ids.append(seq.prompt_token_ids[position] if position < seq.num_prompt_tokens
                              else seq.output_token_ids[position - seq.num_prompt_tokens])
-            positions.append(position)
-            slots.append(seq.block_table[position // block_size] * block_size + position % block_size)
+            positions.append(position)  # the true position: RoPE never sees evictions
+            held = position - seq.num_evicted_tokens  # where its K/V goes among the held blocks
+            slots.append(seq.block_table[held // block_size] * block_size + held % block_size)
             if position + 1 == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sampled_seqs.append(seq)
 
         chunks: list[PrefillChunk] = []
+        observed_seqs: dict[int, Sequence] = {}
         for item in prefills:
             seq = item.seq
+            assert not seq.num_evicted_tokens, "eviction waits for prefill to finish"
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+            # The chunk that ends the known tokens runs the observation window (once: scores not yet fed).
+            observe = seq.score_spec is not None and end == seq.num_tokens and seq.block_scores is None
+            if observe:
+                observed_seqs[len(chunks)] = seq
             chunks.append(PrefillChunk(
                 query_start=len(input_ids), query_len=item.num_new_tokens, context_len=start,
                 block_ids=torch.tensor(seq.block_table[:-(-end // block_size)], dtype=torch.long, device=self.device),
+                observe_window=min(seq.score_spec.observe_window, item.num_new_tokens) if observe else 0,
+                observe_weighting=seq.score_spec.weighting if observe else "none",
             ))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
@@ -77,14 +95,20 @@ class ModelRunner:
             decode_block_tables = torch.tensor(
                 [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in decodes],
                 dtype=torch.int32, device=self.device)
-            decode_seq_lens = torch.tensor([item.seq.num_computed_tokens + 1 for item in decodes],
+            decode_seq_lens = torch.tensor([item.seq.num_cached_kv_tokens + 1 for item in decodes],
                                            dtype=torch.int32, device=self.device)
+        scores = None
+        collect_decode = any(item.seq.score_spec is not None for item in decodes)
+        if self.weight_store is not None or observed_seqs or collect_decode:
+            scores = ScoreCollector(block_size=block_size, collect_decode=collect_decode,
+                                    store=self.weight_store, maps=self.output_maps)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decode_tokens=len(decodes),
             decode_block_tables=decode_block_tables,
             decode_seq_lens=decode_seq_lens,
             prefills=tuple(chunks),
+            scores=scores,
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
@@ -92,4 +116,5 @@ class ModelRunner:
             self.kv_pages, self.codec, meta,
         )
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)])
-        return ModelOutput(sampled_seqs=sampled_seqs, logits=logits.cpu())
+        return ModelOutput(sampled_seqs=sampled_seqs, logits=logits.cpu(), decode_seqs=[item.seq for item in decodes],
+                           observed_seqs=observed_seqs, scores=scores)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workers.kv.block_scores import ScoreSpec
 from workers.sampling_params import SamplingParams
 
 
@@ -37,8 +38,13 @@ class Sequence:
     arrival_time: float
     eos_token_ids: frozenset[int] = frozenset()
     output_token_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)  # append-only while running; cleared on preemption
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)  # grows while running; cleared on preemption
+    num_computed_tokens: int = 0  # tokens whose K/V were computed (evicted ones included)
+    # Eviction drops whole full blocks from the middle of the table, so token p's K/V sits at table index
+    # (p - num_evicted_tokens) // S; positions (RoPE) are unchanged, the keys were rotated when written.
+    num_evicted_tokens: int = 0
+    score_spec: ScoreSpec | None = None  # how block_scores are fed (None: no scores kept)
+    block_scores: torch.Tensor | None = None  # [<= len(block_table)] float32 votes per held block
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule only)
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
@@ -61,6 +67,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_cached_kv_tokens(self) -> int:
+        """Tokens whose K/V the held blocks hold now."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def is_finished(self) -> bool:

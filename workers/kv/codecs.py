@@ -58,8 +58,13 @@ class KVCodec(ABC):
 
     @abstractmethod
     def decode_attention(self, query: torch.Tensor, pages: LayerPages, block_tables: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        """query [Bd, H, D] -> [Bd, H, D] over each sequence's first seq_lens[b] cached tokens."""
+                         seq_lens: torch.Tensor, scale: float, *, token_weights: torch.Tensor | None = None,
+                         with_block_mass: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """query [Bd, H, D] -> [Bd, H, D] over each sequence's first seq_lens[b] cached tokens.
+
+        With ``with_block_mass`` returns (out, per-block attention mass [Bd, Hkv, M]), each token's probability
+        weighted by ``token_weights`` [N, S, Hkv] when given (kernels/block_mass.py).
+        """
 
     @abstractmethod
     def bytes_per_token(self, layer: int) -> int:
@@ -93,9 +98,13 @@ class IdentityCodec(KVCodec):
     def gather(self, pages, block_ids):
         return pages["key"][block_ids].flatten(0, 1), pages["value"][block_ids].flatten(0, 1)
 
-    def decode_attention(self, query, pages, block_tables, seq_lens, scale):
-        out = paged_decode_attention(query.to(self.dtype), pages["key"], pages["value"], block_tables, seq_lens, scale)
-        return out.to(query.dtype)
+    def decode_attention(self, query, pages, block_tables, seq_lens, scale, *, token_weights=None,
+                         with_block_mass=False):
+        result = paged_decode_attention(query.to(self.dtype), pages["key"], pages["value"], block_tables, seq_lens,
+                                        scale, token_weights=token_weights, with_block_mass=with_block_mass)
+        if with_block_mass:
+            return result[0].to(query.dtype), result[1]
+        return result.to(query.dtype)
 
     def bytes_per_token(self, layer: int) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()

@@ -1,32 +1,86 @@
-"""EvictionPolicy: which of a running sequence's blocks may leave the cache (the hook the engine calls).
+"""EvictionPolicy: which of a running sequence's blocks leave the cache when it is over its KV budget.
 
-Policies pick blocks; they never reach into the scheduler. The manager frees what they pick.
-`none` is the default and keeps everything; scored policies (StreamingLLM, H2O, value-aware)
-implement the same interface.
+The unit is the block, and the block is evicted in every layer at once: a pool block holds all layers'
+pages, so dropping it in some layers only would free no memory. Selection is per sequence, on one score
+per block summed over layers and KV heads (workers/kv/block_scores.py says how votes are normalised).
+
+Every policy shares the rules; only the ranking differs:
+* the first ``sink_blocks`` blocks (attention sinks) and the last ``recent_blocks`` (the local window,
+  including the block being written) are never evicted;
+* a block another sequence also holds (a shared prefix-cache block) is never evicted: dropping our
+  reference would free nothing and cost us the block;
+* the blocks with the lowest priority go first; ties go to the older block.
+
+Policies pick; they never touch the pool. KVCacheManager.evict frees what they pick.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+
+import torch
+
+from workers.kv.block_scores import ScoreSpec
+
+
+@dataclass(frozen=True)
+class EvictionBudget:
+    """How many blocks a sequence may keep: a fraction of the blocks it has written, or a fixed count."""
+
+    fraction: float | None
+    max_blocks: int | None
+    sink_blocks: int
+    recent_blocks: int
+
+    def blocks_to_keep(self, num_written_blocks: int) -> int:
+        keep = num_written_blocks
+        if self.fraction is not None:
+            keep = math.ceil(self.fraction * num_written_blocks)
+        if self.max_blocks is not None:
+            keep = min(keep, self.max_blocks)
+        return max(keep, self.sink_blocks + self.recent_blocks)
 
 
 @dataclass(frozen=True)
 class EvictionCandidate:
-    """What a policy sees of one sequence: its table and how full it is."""
+    """What a policy sees of one sequence."""
 
     request_id: str
-    block_table: tuple[int, ...]
-    num_tokens: int
-    block_size: int
+    num_blocks: int  # blocks held now (the block table's length)
+    num_evicted_blocks: int  # blocks already evicted (the table once was this much longer)
+    shared: tuple[bool, ...]  # per held block: another sequence holds it too
+    scores: torch.Tensor | None  # [num_blocks] accumulated votes (None before any arrived)
 
 
 class EvictionPolicy(ABC):
     name: str
 
-    @abstractmethod
+    def __init__(self, budget: EvictionBudget):
+        self.budget = budget
+
+    @property
+    def score_spec(self) -> ScoreSpec | None:
+        """Which votes this policy ranks by (None: it needs no scores)."""
+        return None
+
     def select(self, candidate: EvictionCandidate) -> list[int]:
-        """Indices into the block table of blocks to evict now (may be empty)."""
+        """Ascending indices into the block table of the blocks to evict now (may be empty)."""
+        budget = self.budget
+        num_blocks = candidate.num_blocks
+        excess = num_blocks - budget.blocks_to_keep(num_blocks + candidate.num_evicted_blocks)
+        if excess <= 0:
+            return []
+        first_recent = num_blocks - budget.recent_blocks
+        evictable = [index for index in range(budget.sink_blocks, first_recent) if not candidate.shared[index]]
+        priority = self.priority(candidate).tolist()
+        ranked = sorted(evictable, key=lambda index: (priority[index], index))
+        return sorted(ranked[:excess])
+
+    @abstractmethod
+    def priority(self, candidate: EvictionCandidate) -> torch.Tensor:
+        """[num_blocks]: higher is kept longer."""
 
 
 class NoEviction(EvictionPolicy):
@@ -35,9 +89,80 @@ class NoEviction(EvictionPolicy):
     def select(self, candidate: EvictionCandidate) -> list[int]:
         return []
 
+    def priority(self, candidate: EvictionCandidate) -> torch.Tensor:
+        return torch.zeros(candidate.num_blocks)
 
-def make_eviction_policy(name: str) -> EvictionPolicy:
-    policies = {NoEviction.name: NoEviction}
-    if name not in policies:
-        raise ValueError(f"unknown eviction policy {name!r}; available: {', '.join(policies)}")
-    return policies[name]()
+
+class StreamingEviction(EvictionPolicy):
+    """StreamingLLM: sinks + the most recent blocks; no scores, the oldest middle block goes first."""
+
+    name = "streaming"
+
+    def priority(self, candidate: EvictionCandidate) -> torch.Tensor:
+        return torch.arange(candidate.num_blocks, dtype=torch.float32)
+
+
+class ScoredEviction(EvictionPolicy):
+    """Ranks blocks by accumulated votes; subclasses say which votes (ScoreSpec)."""
+
+    def priority(self, candidate: EvictionCandidate) -> torch.Tensor:
+        if candidate.scores is None:
+            return torch.zeros(candidate.num_blocks)
+        return candidate.scores
+
+
+class H2OEviction(ScoredEviction):
+    """H2O: attention mass accumulated over decode steps (the prompt votes only through its last query)."""
+
+    name = "h2o"
+
+    @property
+    def score_spec(self) -> ScoreSpec:
+        return ScoreSpec(observe_window=1, accumulate_decode=True)
+
+
+class SnapKVEviction(ScoredEviction):
+    """SnapKV: the observation window's attention at the end of prefill, then frozen (later blocks rank by age)."""
+
+    name = "snapkv"
+
+    def __init__(self, budget: EvictionBudget, observe_window: int):
+        super().__init__(budget)
+        self.observe_window = observe_window
+
+    @property
+    def score_spec(self) -> ScoreSpec:
+        return ScoreSpec(observe_window=self.observe_window, accumulate_decode=False)
+
+
+class ValueAwareEviction(ScoredEviction):
+    """Observation window, then every decode step, each vote weighted by the value's size (VATP / CriticalKV)."""
+
+    name = "value_aware"
+
+    def __init__(self, budget: EvictionBudget, observe_window: int, value_norm: str):
+        super().__init__(budget)
+        self.observe_window = observe_window
+        self.value_norm = value_norm
+
+    @property
+    def score_spec(self) -> ScoreSpec:
+        return ScoreSpec(observe_window=self.observe_window, accumulate_decode=True, weighting=self.value_norm)
+
+
+POLICY_NAMES = ("none", "streaming", "h2o", "snapkv", "value_aware")
+
+
+def make_eviction_policy(name: str, budget: EvictionBudget, observe_window: int = 32,
+                         value_norm: str = "l1") -> EvictionPolicy:
+    if name == "none":
+        return NoEviction(budget)
+    if name == "streaming":
+        return StreamingEviction(budget)
+    if name == "h2o":
+        return H2OEviction(budget)
+    if name == "snapkv":
+        return SnapKVEviction(budget, observe_window)
+    if name == "value_aware":
+        return ValueAwareEviction(budget, observe_window, value_norm)
+    raise ValueError(f"unknown eviction policy {name!r}; available: {', '.join(POLICY_NAMES)}")

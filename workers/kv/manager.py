@@ -1,10 +1,13 @@
 """KVCacheManager: per-sequence block tables on top of the BlockPool (prefix hits, growth, release).
 
 Check/act pairs: the scheduler asks `allocate_slots` and, on False, preempts; nothing is half-done.
-Block tables are append-only while a sequence runs; a preempted sequence gives back all its blocks.
+Block tables grow at the end while a sequence runs; eviction removes full blocks from the middle (the
+engine asks its EvictionPolicy which); a preempted sequence gives back all its blocks.
 """
 
 from __future__ import annotations
+
+import torch
 
 from workers.kv.block_pool import BlockHash, BlockPool, hash_block_tokens
 from workers.sequence import Sequence
@@ -43,7 +46,7 @@ class KVCacheManager:
         """Make room for num_new_tokens after seq.num_computed_tokens (+ the prefix hit). False if the pool is short."""
         num_have = len(seq.block_table) + len(prefix_blocks)
         num_prefix_tokens = len(prefix_blocks) * self.block_size
-        total_tokens = max(seq.num_computed_tokens, num_prefix_tokens) + num_new_tokens
+        total_tokens = max(seq.num_computed_tokens, num_prefix_tokens) + num_new_tokens - seq.num_evicted_tokens
         num_missing = max(0, self.blocks_needed(total_tokens) - num_have)
         # Reviving a free cached block takes it off the free queue too, so count it against the budget.
         num_revived = sum(1 for b in prefix_blocks if self.pool.blocks[b].ref_count == 0)
@@ -57,7 +60,9 @@ class KVCacheManager:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Publish the hashes of blocks that became full of computed tokens."""
-        if not self.pool.enable_prefix_caching:
+        # After an eviction, later blocks were computed without the evicted context: they are not the K/V
+        # of their token prefix and must never be served to another request.
+        if not self.pool.enable_prefix_caching or seq.num_evicted_tokens:
             return
         hashes = self._block_hashes.setdefault(seq.request_id, [])
         num_full = seq.num_computed_tokens // self.block_size
@@ -71,11 +76,29 @@ class KVCacheManager:
             hashes.append(parent)
             self.pool.cache_block(seq.block_table[index], parent)
 
+    def evict(self, seq: Sequence, indices: list[int]) -> None:
+        """Drop the blocks at these block-table indices (full blocks, never the last) and their scores."""
+        if not indices:
+            return
+        assert indices[-1] < len(seq.block_table) - 1, "the block being written is never evicted"
+        dropped = set(indices)
+        self.pool.free(seq.block_table[index] for index in indices)
+        seq.block_table = [block for index, block in enumerate(seq.block_table) if index not in dropped]
+        if seq.block_scores is not None:
+            keep = torch.tensor([index not in dropped for index in range(seq.block_scores.shape[0])])
+            seq.block_scores = seq.block_scores[keep]
+        seq.num_evicted_tokens += len(indices) * self.block_size
+
     def free(self, seq: Sequence) -> None:
         # Tail first: the end of a sequence is the least likely to be shared, so it is reused first.
         self.pool.free(reversed(seq.block_table))
         seq.block_table = []
+        seq.num_evicted_tokens = 0
+        seq.block_scores = None
         self._block_hashes.pop(seq.request_id, None)
+
+    def is_shared(self, block_id: int) -> bool:
+        return self.pool.blocks[block_id].ref_count > 1
 
     def num_blocks_held(self, seq: Sequence) -> int:
         return len(seq.block_table)

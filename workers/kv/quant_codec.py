@@ -62,10 +62,12 @@ class QuantCodec(KVCodec):
             decoded.append(side_plan.center + torch.einsum("hij,thj->thi", side_plan.inverse, y))
         return decoded[0], decoded[1]
 
-    def decode_attention(self, query, pages, block_tables, seq_lens, scale):
+    def decode_attention(self, query, pages, block_tables, seq_lens, scale, *, token_weights=None,
+                         with_block_mass=False):
         plan = self.plans[pages.layer]
         if plan is None:
-            return self.fp16.decode_attention(query, pages, block_tables, seq_lens, scale)
+            return self.fp16.decode_attention(query, pages, block_tables, seq_lens, scale,
+                                              token_weights=token_weights, with_block_mass=with_block_mass)
         key_plan, value_plan = plan
         num_seqs, num_heads, head_dim = query.shape
         grouped = query.float().view(num_seqs, self.num_kv_heads, num_heads // self.num_kv_heads, head_dim)
@@ -73,11 +75,16 @@ class QuantCodec(KVCodec):
         moved = torch.einsum("hji,bhgj->bhgi", key_plan.inverse, grouped).reshape(num_seqs, num_heads, head_dim)
         out = quant_paged_decode_attention(moved, pages["key_codes"], pages["key_scales"], key_plan.layout,
                                            pages["value_codes"], pages["value_scales"], value_plan.layout,
-                                           block_tables, seq_lens, scale)
+                                           block_tables, seq_lens, scale, token_weights=token_weights,
+                                           with_block_mass=with_block_mass)
+        mass = None
+        if with_block_mass:
+            out, mass = out
         # Probabilities sum to 1, so the value center comes back whole and the inverse map is applied once.
         out = out.view(num_seqs, self.num_kv_heads, -1, head_dim)
         out = value_plan.center[None, :, None, :] + torch.einsum("hij,bhgj->bhgi", value_plan.inverse, out)
-        return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+        out = out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+        return (out, mass) if with_block_mass else out
 
     def bytes_per_token(self, layer: int) -> int:
         plan = self.plans[layer]

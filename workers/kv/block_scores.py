@@ -1,0 +1,145 @@
+# L=layers, N=blocks in the pool, S=block size (tokens), T=tokens written, W=observation-window queries,
+# H=query heads, Hkv=KV heads, G=H//Hkv, D=head dim, Tk=keys a query chunk sees, nb=blocks covering Tk,
+# Bd=decode sequences, M=block-table columns
+"""Block importance scores for eviction: what feeds them, where they are stored, how one step collects them.
+
+A sequence's score of block j is a sum of votes. Each vote is one query's attention over the sequence's
+blocks in one (layer, KV head), normalised to sum to 1 -- so layers and heads with large values do not
+drown the others -- optionally weighted per token by the value's size (value-aware eviction):
+
+* ``l1``     -- ||v_t||_1, the VATP weighting (a token that is attended but adds almost nothing to the output,
+               like an attention sink, is worth less than its attention says);
+* ``output`` -- ||W_O v_t||_2 through the KV head's output-projection columns (the CriticalKV refinement: what
+               the token actually moves in the residual stream).
+
+Votes come from two places: the observation window (the prompt's last W queries, at the end of prefill --
+they have read the question, so the needle gets its votes; SnapKV) and every decode step. A policy picks
+which of the two it uses (``ScoreSpec``). Scores live on the Sequence, beside its block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Weighting = Literal["none", "l1", "output"]
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How a sequence's block scores are fed. Crosses to the prefill tier, so it is a small plain record."""
+
+    observe_window: int  # prompt queries that vote at the end of prefill (0: none)
+    accumulate_decode: bool  # every decode step votes too
+    weighting: Weighting = "none"
+
+
+def output_maps(o_proj_weights: list[torch.Tensor], num_kv_heads: int, head_dim: int) -> list[torch.Tensor]:
+    """Per layer [Hkv, D, D]: sum over the KV head's query heads g of W_g^T W_g, so ||W_O v||^2 = v^T M v.
+
+    o_proj weight is [hidden, H*D]; W_g = its columns for query head g. Summing over the G heads that read the
+    same value measures how far v moves the output through all of them.
+    """
+    maps = []
+    for weight in o_proj_weights:
+        hidden, width = weight.shape
+        per_head = weight.float().view(hidden, width // head_dim, head_dim)  # [hidden, H, D]
+        gram = torch.einsum("khd,khe->hde", per_head, per_head)  # [H, D, D]
+        maps.append(gram.view(num_kv_heads, -1, head_dim, head_dim).sum(1).contiguous())
+    return maps
+
+
+def value_weights(value: torch.Tensor, weighting: Weighting, output_map: torch.Tensor | None) -> torch.Tensor | None:
+    """value [T, Hkv, D] -> per-token weights [T, Hkv] float32 (None for unweighted scores)."""
+    if weighting == "none":
+        return None
+    value = value.float()
+    if weighting == "l1":
+        return value.abs().sum(-1)
+    if output_map is None:
+        raise ValueError("output-weighted scores need the layer's output map")
+    return torch.einsum("thd,hde,the->th", value, output_map, value).clamp_min(0).sqrt()
+
+
+class TokenWeightStore:
+    """Per-token value weights beside the pages ([N, S, Hkv] float32 per layer), written with the K/V."""
+
+    def __init__(self, weighting: Weighting, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 device: torch.device, maps: list[torch.Tensor] | None):
+        assert weighting != "none", "an unweighted policy needs no store"
+        self.weighting = weighting
+        self.maps = maps
+        self.arrays = [torch.zeros(num_blocks, block_size, num_kv_heads, dtype=torch.float32, device=device)
+                       for _ in range(num_layers)]
+
+    def output_map(self, layer: int) -> torch.Tensor | None:
+        return self.maps[layer] if self.maps is not None else None
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, value: torch.Tensor) -> None:
+        weights = value_weights(value, self.weighting, self.output_map(layer))
+        storage = self.arrays[layer]
+        storage.view(-1, storage.shape[-1]).index_copy_(0, slot_mapping, weights)
+
+    def write_blocks(self, layer: int, block_ids: list[int], value: torch.Tensor) -> None:
+        """value [len(block_ids)*S, Hkv, D], e.g. the decoded pages of an imported prompt."""
+        storage = self.arrays[layer]
+        weights = value_weights(value, self.weighting, self.output_map(layer))
+        storage[torch.tensor(block_ids, dtype=torch.long, device=storage.device)] = weights.view(
+            len(block_ids), *storage.shape[1:])
+
+    def bytes_per_token(self) -> int:
+        return len(self.arrays) * self.arrays[0].shape[-1] * 4
+
+
+def observation_block_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor | None, scale: float,
+                           block_size: int) -> torch.Tensor:
+    """Votes of the last W queries over all Tk keys, summed per block -> [nb] float32.
+
+    query [W, H, D] are the LAST W positions of key [Tk, Hkv, D] (causal); weights [Tk, Hkv] or None.
+    Each (query, query head) vote is normalised to 1 after weighting.
+    """
+    num_queries, num_heads, _ = query.shape
+    num_keys, num_kv_heads, _ = key.shape
+    group = num_heads // num_kv_heads
+    q = query.float().view(num_queries, num_kv_heads, group, -1)
+    logits = torch.einsum("whgd,thd->hgwt", q, key.float()) * scale  # [Hkv, G, W, Tk]
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=query.device)
+    future = torch.arange(num_keys, device=query.device)[None, :] > query_pos[:, None]  # [W, Tk]
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    if weights is not None:
+        probs = probs * weights.float().t()[:, None, None, :]
+        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+    per_token = probs.sum((0, 1, 2))  # [Tk]
+    num_blocks = -(-num_keys // block_size)
+    padded = per_token.new_zeros(num_blocks * block_size)
+    padded[:num_keys] = per_token
+    return padded.view(num_blocks, block_size).sum(-1)
+
+
+@dataclass
+class ScoreCollector:
+    """One step's score by-products, filled layer by layer by the attention and handed back to the engine."""
+
+    block_size: int
+    collect_decode: bool  # decode rows report their block mass this step
+    store: TokenWeightStore | None  # engine-wide value weights (written for every token), or None
+    maps: list[torch.Tensor] | None = None  # output maps for output-weighted observation windows
+    decode_mass: torch.Tensor | None = None  # [Bd, M] summed over layers and heads
+    observed: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill chunk index -> [nb]
+
+    def decode_weights(self, layer: int) -> torch.Tensor | None:
+        return self.store.arrays[layer] if self.store is not None else None
+
+    def add_decode(self, mass: torch.Tensor) -> None:
+        """mass [Bd, Hkv, M] from one layer's decode attention."""
+        votes = (mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)).sum(1)
+        self.decode_mass = votes if self.decode_mass is None else self.decode_mass + votes
+
+    def add_observation(self, chunk_index: int, mass: torch.Tensor) -> None:
+        previous = self.observed.get(chunk_index)
+        self.observed[chunk_index] = mass if previous is None else previous + mass
+
+    def output_map(self, layer: int) -> torch.Tensor | None:
+        return self.maps[layer] if self.maps is not None else None

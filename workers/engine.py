@@ -217,7 +217,10 @@ class Engine:
         self._sequences[request_id] = seq
         self._text[request_id] = TextState(self.tokenizer, seq.prompt_token_ids, seq.params)
         self.scheduler.add_running(seq)
-        return self._postprocess(seq, first_token_id, None)
+        output = self._postprocess(seq, first_token_id, None)
+        seq.scores_observed = True
+        self._evict_over_budget(seq)  # as a unified engine would right after the prefill step
+        return output
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -240,37 +243,36 @@ class Engine:
         if model_output.scores is not None:
             self._add_votes(model_output)
         for item in scheduled.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_full_blocks(item.seq)
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            seq.scores_observed = seq.num_computed_tokens == seq.num_tokens  # caught up: the window has voted
+            self.kv.cache_full_blocks(seq)
         seqs = model_output.sampled_seqs
         sampled = sample(model_output.logits, [s.params for s in seqs], [s.generator for s in seqs])
         outputs = [self._postprocess(seq, token_id, logprobs)
                    for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs)]
-        if not isinstance(self.eviction, NoEviction):
-            for item in scheduled.scheduled:
-                self._evict_over_budget(item.seq)
+        for item in scheduled.scheduled:
+            self._evict_over_budget(item.seq)
         return outputs
 
     def _add_votes(self, model_output: ModelOutput) -> None:
         """Fold the step's attention by-products into the sequences' block scores."""
         scores = model_output.scores
         for chunk_index, seq in model_output.observed_seqs.items():
-            seq.block_scores = _fit(scores.observed[chunk_index].cpu(), len(seq.block_table))
+            _add_to_scores(seq, scores.observed[chunk_index].cpu())
         if scores.decode_mass is None:
             return
         decode_mass = scores.decode_mass.cpu()
         for row, seq in enumerate(model_output.decode_seqs):
             spec = seq.score_spec
-            # A 1-token final prefill chunk runs as a decode row: its vote stands in for the observation window.
-            if spec is None or (not spec.accumulate_decode and seq.block_scores is not None):
-                continue
-            votes = decode_mass[row, :len(seq.block_table)]
-            previous = seq.block_scores
-            seq.block_scores = votes if previous is None else _fit(previous, votes.shape[0]) + votes
+            # A 1-token last chunk of prefill runs as a decode row: it is the observation window's last query.
+            if spec is not None and (spec.accumulate_decode or not seq.scores_observed):
+                _add_to_scores(seq, decode_mass[row, :len(seq.block_table)])
 
     def _evict_over_budget(self, seq: Sequence) -> None:
         """Evict once prefill is done (every known token computed but the one just sampled) and while running."""
-        if seq.is_finished or seq.hold_kv or seq.num_computed_tokens != seq.num_tokens - 1:
+        if isinstance(self.eviction, NoEviction) or seq.is_finished or seq.hold_kv \
+                or seq.num_computed_tokens != seq.num_tokens - 1:
             return
         table = seq.block_table
         candidate = EvictionCandidate(
@@ -333,6 +335,16 @@ class Engine:
                 if output.request_id in completions:
                     completions[output.request_id].add(output)
         return [completions[request_id] for request_id in request_ids]
+
+
+def _add_to_scores(seq: Sequence, votes: torch.Tensor) -> None:
+    """votes [nb] over the sequence's first nb held blocks."""
+    previous = seq.block_scores
+    if previous is None:
+        seq.block_scores = votes.clone()
+    else:
+        length = max(previous.shape[0], votes.shape[0])
+        seq.block_scores = _fit(previous, length) + _fit(votes, length)
 
 
 def _fit(scores: torch.Tensor, length: int) -> torch.Tensor:

@@ -71,15 +71,18 @@ class ModelRunner:
             seq = item.seq
             assert not seq.num_evicted_tokens, "eviction waits for prefill to finish"
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
-            # The chunk that ends the known tokens runs the observation window (once: scores not yet fed).
-            observe = seq.score_spec is not None and end == seq.num_tokens and seq.block_scores is None
-            if observe:
+            # The observation window is the last W known tokens' queries; chunked prefill may split it, and each
+            # chunk votes with its share (causal, so the sum is what one unchunked window would give).
+            num_observed = 0
+            if seq.score_spec is not None and not seq.scores_observed:
+                num_observed = max(0, end - max(start, seq.num_tokens - seq.score_spec.observe_window))
+            if num_observed:
                 observed_seqs[len(chunks)] = seq
             chunks.append(PrefillChunk(
                 query_start=len(input_ids), query_len=item.num_new_tokens, context_len=start,
                 block_ids=torch.tensor(seq.block_table[:-(-end // block_size)], dtype=torch.long, device=self.device),
-                observe_window=min(seq.score_spec.observe_window, item.num_new_tokens) if observe else 0,
-                observe_weighting=seq.score_spec.weighting if observe else "none",
+                observe_window=num_observed,
+                observe_weighting=seq.score_spec.weighting if num_observed else "none",
             ))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))

@@ -17,12 +17,13 @@ class Handoff:
     finish_reason: FinishReason | None = None
 
 
-def disaggregated(prefill, decode, request_id: str, prompt: list[int], params: SamplingParams) -> Handoff:
+def disaggregated(prefill, decode, request_id: str, prompt: list[int], params: SamplingParams,
+                  score_spec=None) -> Handoff:
     """The tier handoff in one process: prefill holds its blocks, decode reserves, bytes move, decode runs."""
     result = Handoff()
     prefill.add_sequence(prefill.make_sequence(request_id, prompt_token_ids=prompt,
                                                params=SamplingParams(**{**params.__dict__, "max_tokens": 1}),
-                                               hold_kv=True))
+                                               hold_kv=True, score_spec=score_spec))
     while prefill.held_kv(request_id) is None:
         for output in prefill.step():
             result.prefill_cached_tokens = output.num_cached_tokens
@@ -33,7 +34,7 @@ def disaggregated(prefill, decode, request_id: str, prompt: list[int], params: S
     assert len(block_ids) == len(held.block_ids)
     unpack_blocks(pack_blocks(prefill.kv_pages, list(held.block_ids)), decode.kv_pages, block_ids)
     assert prefill.release_kv(request_id)
-    output = decode.commit_import(request_id, held.first_token_id)
+    output = decode.commit_import(request_id, held.first_token_id, held.block_scores)
     result.tokens.extend(output.new_token_ids)
     while not output.finished:
         for output in decode.step():  # the decode engine serves only this request here

@@ -71,15 +71,22 @@ class Engine:
             num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, device=self.device,
             calibration=calibration, exclude_layers=tuple(config.kv_exclude_layers))
         self.block_size = config.block_size
-        bytes_per_block = sum(self.codec.bytes_per_token(layer) for layer in range(model_config.num_layers)) \
-            * self.block_size
+        self._init_eviction(config, model_config)
+        # Value weights (value-aware eviction) live beside the pages and cost memory like them.
+        weight_bytes_per_token = TokenWeightStore.bytes_per_token(model_config.num_layers, model_config.num_kv_heads) \
+            if self.weighting != "none" else 0
+        bytes_per_block = (sum(self.codec.bytes_per_token(layer) for layer in range(model_config.num_layers))
+                           + weight_bytes_per_token) * self.block_size
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_block)
         self.kv_pages = [self.codec.allocate(layer, num_blocks, self.block_size, self.device)
                          for layer in range(model_config.num_layers)]
         self.pool = BlockPool(num_blocks, enable_prefix_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, self.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self._init_eviction(config, model_config, num_blocks)
+        self.weight_store = None
+        if self.weighting != "none":
+            self.weight_store = TokenWeightStore(self.weighting, model_config.num_layers, num_blocks, self.block_size,
+                                                 model_config.num_kv_heads, self.device, self._output_maps)
         self.runner = ModelRunner(self.model, self.codec, self.kv_pages, self.block_size,
                                   weight_store=self.weight_store, output_maps=self._output_maps)
         # A lone sequence must always fit in the pool, or it could wait forever.
@@ -92,7 +99,7 @@ class Engine:
         self._importing: dict[str, Sequence] = {}  # decode role: blocks reserved, bytes in flight
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
 
-    def _init_eviction(self, config: EngineConfig, model_config, num_blocks: int) -> None:
+    def _init_eviction(self, config: EngineConfig, model_config) -> None:
         """The eviction policy and what feeds its scores. A prefill replica never evicts (it hands over the whole
         prompt) but computes the observation-window votes a decode tier asks for, so it keeps the output maps."""
         eviction = config.kv_eviction
@@ -102,15 +109,11 @@ class Engine:
             "none" if config.role == "prefill" else eviction.policy, budget, eviction.observe_window,
             eviction.value_norm)
         self.score_spec: ScoreSpec | None = self.eviction.score_spec
-        weighting = self.score_spec.weighting if self.score_spec is not None else "none"
+        self.weighting = self.score_spec.weighting if self.score_spec is not None else "none"
         self._output_maps = None
-        if config.role == "prefill" or weighting == "output":
+        if config.role == "prefill" or self.weighting == "output":
             self._output_maps = output_maps([layer.self_attn.o_proj.weight for layer in self.model.layers],
                                             model_config.num_kv_heads, model_config.head_dim)
-        self.weight_store = None
-        if weighting != "none":
-            self.weight_store = TokenWeightStore(weighting, model_config.num_layers, num_blocks, self.block_size,
-                                                 model_config.num_kv_heads, self.device, self._output_maps)
         self.num_evicted_blocks = 0
 
     # ---- requests -------------------------------------------------------------------------------
@@ -132,9 +135,10 @@ class Engine:
         if not prompt_token_ids:
             raise InvalidRequestError("prompt_token_ids", "must not be empty")
         vocab_size = self.loaded.config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise InvalidRequestError("prompt_token_ids", f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+        for field_name, token_ids in (("prompt_token_ids", prompt_token_ids), ("forced_token_ids", params.forced_token_ids)):
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidRequestError(field_name, f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 "prompt", f"prompt has {len(prompt_token_ids)} tokens; the context window is {self.max_model_len} "
@@ -248,7 +252,9 @@ class Engine:
             seq.scores_observed = seq.num_computed_tokens == seq.num_tokens  # caught up: the window has voted
             self.kv.cache_full_blocks(seq)
         seqs = model_output.sampled_seqs
-        sampled = sample(model_output.logits, [s.params for s in seqs], [s.generator for s in seqs])
+        forced = [s.params.forced_token_ids[s.num_output_tokens] if s.num_output_tokens < len(s.params.forced_token_ids)
+                  else None for s in seqs]
+        sampled = sample(model_output.logits, [s.params for s in seqs], [s.generator for s in seqs], forced)
         outputs = [self._postprocess(seq, token_id, logprobs)
                    for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs)]
         for item in scheduled.scheduled:

@@ -25,8 +25,9 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def sample(logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[torch.Generator | None]) -> SamplerOutput:
-    """logits [N, V] float32 (raw model output) -> one token per row."""
+def sample(logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[torch.Generator | None],
+           forced: Seq[int | None] | None = None) -> SamplerOutput:
+    """logits [N, V] float32 (raw model output) -> one token per row; a row's forced token replaces its draw."""
     num_rows = logits.shape[0]
     token_ids = logits.argmax(dim=-1)  # [N]; greedy rows keep this
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -37,6 +38,9 @@ def sample(logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[to
             noise = torch.empty_like(probs[j]).exponential_(generator=generators[i])
             token_ids[i] = (probs[j] / noise).argmax()
     token_list = token_ids.tolist()
+    for i, token_id in enumerate(forced or ()):
+        if token_id is not None:
+            token_list[i] = token_id
     logprobs: list[TokenLogprobs | None] = [None] * num_rows
     wanted = [i for i, p in enumerate(params) if p.logprobs > 0]
     if wanted:

@@ -34,10 +34,14 @@ class SamplingParams:
     logprobs: int = 0  # top alternatives to return per token; > 0 also scores the sampled token (0: none)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Teacher forcing: output token i is forced_token_ids[i] (still scored by logprobs) while there is one. Evals
+    # use it to score given text under decode-time conditions (a compressed cache, eviction). Not on the wire.
+    forced_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "forced_token_ids", tuple(self.forced_token_ids))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
@@ -56,6 +60,8 @@ class SamplingParams:
             raise InvalidRequestError("stop_token_ids", "must be non-negative integers")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.forced_token_ids):
+            raise InvalidRequestError("forced_token_ids", "must be non-negative integers")
 
     @property
     def is_greedy(self) -> bool:

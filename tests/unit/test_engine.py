@@ -184,3 +184,35 @@ def test_duplicate_request_id_rejected(tiny_loaded):
         engine.add_request("same", prompt_token_ids=[5, 6], params=GREEDY)
     engine.abort("same")
     assert_no_blocks_held(engine)
+
+
+def test_forced_tokens_are_emitted_and_scored_like_a_prompt(tiny_loaded):
+    """Teacher forcing (evals): the forced continuation comes out as given, and each forced token's logprob equals
+    the log-softmax of the model's logits at that position when the whole text is scored in one prefill."""
+    from workers.attention import AttentionMetadata, PrefillChunk
+
+    prompt, continuation = random_prompts(2, seed=31, min_len=20, max_len=20)
+    engine = make_engine(tiny_loaded)
+    params = SamplingParams(max_tokens=len(continuation), temperature=0, ignore_eos=True, logprobs=1,
+                            forced_token_ids=continuation)
+    completion = engine.generate([prompt], params)[0]
+    assert completion.token_ids == continuation
+    text = prompt + continuation
+    model, codec = engine.model, engine.codec
+    num_blocks = -(-len(text) // 4)
+    pages = [codec.allocate(layer, num_blocks, 4, model.device) for layer in range(model.config.num_layers)]
+    meta = AttentionMetadata(slot_mapping=torch.arange(len(text)), num_decode_tokens=0, decode_block_tables=None,
+                             decode_seq_lens=None, prefills=(PrefillChunk(0, len(text), 0, torch.arange(num_blocks)),))
+    with torch.inference_mode():
+        hidden = model(torch.tensor(text), torch.arange(len(text)), pages, codec, meta)
+        expected = torch.log_softmax(model.compute_logits(hidden[len(prompt) - 1:-1]).float(), dim=-1)
+    got = [logprobs.logprob for logprobs in completion.logprobs]
+    want = [float(expected[step, token]) for step, token in enumerate(continuation)]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_forced_token_ids_outside_the_vocabulary_are_rejected(tiny_loaded):
+    engine = make_engine(tiny_loaded)
+    with pytest.raises(InvalidRequestError) as error:
+        engine.make_sequence("r", prompt_token_ids=[5, 6], params=SamplingParams(forced_token_ids=(3, 10**6)))
+    assert error.value.field == "forced_token_ids"

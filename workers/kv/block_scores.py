@@ -89,8 +89,9 @@ class TokenWeightStore:
         storage[torch.tensor(block_ids, dtype=torch.long, device=storage.device)] = weights.view(
             len(block_ids), *storage.shape[1:])
 
-    def bytes_per_token(self) -> int:
-        return len(self.arrays) * self.arrays[0].shape[-1] * 4
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int) -> int:
+        return num_layers * num_kv_heads * 4
 
 
 def observation_block_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor | None, scale: float,

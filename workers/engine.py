@@ -42,6 +42,7 @@ class HeldKV:
     num_tokens: int  # tokens whose K/V the blocks hold (the prompt)
     first_token_id: int
     block_scores: tuple[float, ...] | None = None  # observation-window votes, when the decode tier asked for them
+    num_cached_tokens: int = 0  # prompt tokens this replica's prefix cache served
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class Engine:
             # The blocks hold the prompt's K/V (the sampled token is not computed yet).
             scores = tuple(seq.block_scores.tolist()) if seq.block_scores is not None else None
             self._held[seq.request_id] = (seq, HeldKV(seq.request_id, tuple(seq.block_table), seq.num_prompt_tokens,
-                                                      seq.output_token_ids[-1], scores))
+                                                      seq.output_token_ids[-1], scores, seq.num_cached_tokens))
         text_state = self._text.pop(seq.request_id)
         if reason is not FinishReason.STOP or not seq.params.stop:
             text_delta += text_state.finish()

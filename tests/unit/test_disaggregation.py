@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.unit.test_engine import assert_no_blocks_held, make_engine, random_prompts
-from workers.kv.transfer import pack_blocks, unpack_blocks
+from workers.local_handoff import import_held, prefill_and_hold
 from workers.sampling_params import SamplingParams
 from workers.sequence import FinishReason
 
@@ -21,20 +21,11 @@ def disaggregated(prefill, decode, request_id: str, prompt: list[int], params: S
                   score_spec=None) -> Handoff:
     """The tier handoff in one process: prefill holds its blocks, decode reserves, bytes move, decode runs."""
     result = Handoff()
-    prefill.add_sequence(prefill.make_sequence(request_id, prompt_token_ids=prompt,
-                                               params=SamplingParams(**{**params.__dict__, "max_tokens": 1}),
-                                               hold_kv=True, score_spec=score_spec))
-    while prefill.held_kv(request_id) is None:
-        for output in prefill.step():
-            result.prefill_cached_tokens = output.num_cached_tokens
-    held = prefill.held_kv(request_id)
+    held = prefill_and_hold(prefill, request_id, prompt, params, score_spec)
+    result.prefill_cached_tokens = held.num_cached_tokens
     assert held.num_tokens == len(prompt)
-    seq = decode.make_sequence(request_id, prompt_token_ids=prompt, params=params)
-    block_ids = decode.reserve_import(seq)
-    assert len(block_ids) == len(held.block_ids)
-    unpack_blocks(pack_blocks(prefill.kv_pages, list(held.block_ids)), decode.kv_pages, block_ids)
+    output = import_held(prefill, held, decode, prompt, params)
     assert prefill.release_kv(request_id)
-    output = decode.commit_import(request_id, held.first_token_id, held.block_scores)
     result.tokens.extend(output.new_token_ids)
     while not output.finished:
         for output in decode.step():  # the decode engine serves only this request here

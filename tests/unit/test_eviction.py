@@ -211,3 +211,18 @@ def test_prefill_tier_computes_the_decode_tiers_observation_votes(tiny_loaded):
     assert prefill.kv_stats().num_evicted_blocks == 0
     assert_no_blocks_held(prefill)
     assert_no_blocks_held(decode)
+
+
+def test_a_prefix_cached_prompt_gets_the_same_observation_votes(tiny_loaded):
+    """The prefix hit stops short of the observation window, so its queries are computed and vote again."""
+    engine = make_engine(tiny_loaded, **eviction("snapkv", budget=0.5, observe_window=10, recent_blocks=2))
+    prompt = random_prompts(1, seed=26, min_len=61, max_len=61)[0]
+    votes = []
+    for request_id in ("first", "again"):
+        engine.add_request(request_id, prompt_token_ids=prompt, params=SamplingParams(max_tokens=3, temperature=0))
+        seq = engine._sequences[request_id]
+        engine.step()
+        votes.append(seq.block_scores)
+        assert seq.num_cached_tokens == (0 if request_id == "first" else 48)  # 61 - 10 = 51 -> 12 full blocks
+    torch.testing.assert_close(votes[1], votes[0], atol=1e-5, rtol=1e-5)
+    assert float(votes[0].sum()) > 0

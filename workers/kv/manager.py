@@ -25,12 +25,15 @@ class KVCacheManager:
     def find_prefix_hit(self, seq: Sequence) -> tuple[list[int], int]:
         """Cached blocks holding a prefix of seq's tokens, and how many tokens they cover.
 
-        The last token is never served from cache: its logits are needed to sample the next token.
+        The last token is never served from cache: its logits are needed to sample the next token. A sequence
+        that keeps eviction scores also computes its observation window's tokens (their queries vote), so a
+        cached prompt is scored exactly like a fresh one.
         """
         if not self.pool.enable_prefix_caching:
             return [], 0
         token_ids = seq.token_ids
-        max_full_blocks = (len(token_ids) - 1) // self.block_size
+        num_to_compute = 1 if seq.score_spec is None else max(1, seq.score_spec.observe_window)
+        max_full_blocks = max(0, len(token_ids) - num_to_compute) // self.block_size
         hit_blocks: list[int] = []
         parent: BlockHash | None = None
         for index in range(max_full_blocks):

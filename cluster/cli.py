@@ -19,6 +19,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="KV page format: auto, float16, bfloat16, int8, tq-k<b>v<b>, gtq-<bits> (e.g. tq-k4v3)")
     group.add_argument("--kv-calibration", default=None, help="calibration file for gtq-* (tierserve calibrate)")
     group.add_argument("--kv-exclude-layers", default="", help="comma-separated layers kept in fp16")
+    group.add_argument("--kv-eviction", default="none", choices=["none", "streaming", "h2o", "snapkv", "value_aware"],
+                       help="long-context KV eviction policy (needs --kv-budget or --kv-budget-blocks)")
+    group.add_argument("--kv-budget", type=float, default=None, help="fraction of a request's KV blocks kept")
+    group.add_argument("--kv-budget-blocks", type=int, default=None, help="or at most this many blocks per request")
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--num-kv-blocks", type=int, default=None)
     group.add_argument("--max-model-len", type=int, default=None)
@@ -38,6 +42,7 @@ def _engine_config(args: argparse.Namespace):
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads,
+        kv_eviction={"policy": args.kv_eviction, "budget": args.kv_budget, "budget_blocks": args.kv_budget_blocks},
     )
 
 
@@ -119,6 +124,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from cluster.kv_memory import run_memory
 
         return run_memory(args)
+    if args.target == "longctx":
+        from cluster.eval_longctx import run_eval_longctx
+
+        return run_eval_longctx(args)
     from cluster.eval_kv import run_eval_kv
 
     return run_eval_kv(args)
@@ -192,14 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")
-    evaluate.add_argument("target", choices=["kv", "memory"], help="kv: codec quality; memory: long-context KV bytes")
+    evaluate.add_argument("target", choices=["kv", "memory", "longctx"],
+                          help="kv: codec quality; memory: long-context KV bytes; longctx: eviction policies")
     evaluate.add_argument("--context-tokens", type=int, default=2**20, help="memory: context length")
     evaluate.add_argument("--json", dest="json_out", default=None, help="write results here (and a PNG beside)")
     evaluate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     from cluster.eval_kv import add_eval_kv_options
+    from cluster.eval_longctx import add_eval_longctx_options
 
     add_eval_kv_options(evaluate)
+    add_eval_longctx_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     calibrate = sub.add_parser("calibrate", help="write a KV calibration file for the gtq-* codecs")

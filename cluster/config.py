@@ -64,7 +64,10 @@ class TierConfig(_Strict):
 
 
 def _default_decode_tiers() -> list[TierConfig]:
-    return [TierConfig(name="default"), TierConfig(name="long", min_prompt_tokens=2048)]
+    # Long prompts go to a tier that keeps a quarter of each request's KV blocks (value-aware eviction: see
+    # `tierserve eval longctx` for what that costs in quality, README "Long contexts").
+    long_engine = {"kv_eviction": {"policy": "value_aware", "budget": 0.25}}
+    return [TierConfig(name="default"), TierConfig(name="long", min_prompt_tokens=2048, engine=long_engine)]
 
 
 class ServeConfig(_Strict):

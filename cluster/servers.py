@@ -73,7 +73,7 @@ class EngineServer:
         engine = self.engine.engine
         stats = engine.kv_stats()
         return {"num_blocks": stats.num_blocks, "num_used_blocks": stats.num_used_blocks,
-                "num_requests": engine.num_requests}
+                "num_requests": engine.num_requests, "num_evicted_blocks": stats.num_evicted_blocks}
 
     def check_health(self) -> None:
         if not self.engine.is_alive:

@@ -45,7 +45,9 @@ def cluster():
               "prefill": {"name": "prefill", **TIER}}
     configs = {
         "disagg": ServeConfig.model_validate({**common, "mode": "disaggregated", "decode_tiers": [
-            {"name": "default", **TIER}, {"name": "long", "min_prompt_tokens": 400, **TIER}]}),
+            {"name": "default", **TIER},
+            {"name": "long", "min_prompt_tokens": 400, **TIER,
+             "engine": {"kv_eviction": {"policy": "value_aware", "budget": 0.25}}}]}),
         "unified": ServeConfig.model_validate({**common, "mode": "unified", "decode_tiers": [{"name": "default", **TIER}]}),
         # Compressed KV end to end: the prefill tier writes TurboQuant pages, the decode tier attends over them.
         "compressed": ServeConfig.model_validate({
@@ -214,6 +216,11 @@ def test_tier_routing_by_hint_and_length(cluster):
                                                    sampling=pb.SamplingParams(max_tokens=2))).tier == "long"
     long_prompt = " ".join(["word"] * 450)
     assert call(stub, "disagg", greedy(long_prompt, 2)).tier == "long"
+    # The long tier keeps a quarter of the blocks: value-aware eviction, scored by the prefill tier's
+    # observation window, ran right after the import.
+    stats = wait_until_no_blocks(serve, "disagg", ["DecodeServer-long", "PrefillServer"])
+    assert stats["DecodeServer-long"]["num_evicted_blocks"] >= 20
+    assert stats["DecodeServer-long"]["num_used_blocks"] == 0 and stats["PrefillServer"]["num_evicted_blocks"] == 0
 
 
 def test_cancel_mid_stream_frees_blocks_on_both_tiers(cluster):

@@ -15,6 +15,19 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
     assert ServeConfig.from_yaml(path) == config
 
 
+def test_the_default_long_tier_evicts_by_value_aware_scores():
+    config = ServeConfig()
+    long_engine = config.engine_config(config.tier_for(5000))
+    assert long_engine.kv_eviction.policy == "value_aware" and long_engine.kv_eviction.budget == 0.25
+    assert config.engine_config(config.tier_for(10)).kv_eviction.policy == "none"
+    assert config.engine_config(config.prefill).kv_eviction.policy == "none"  # prefill never evicts
+
+
+def test_eviction_without_a_budget_is_refused():
+    with pytest.raises(ValidationError, match="needs a budget"):
+        ServeConfig.model_validate({"decode_tiers": [{"name": "a", "engine": {"kv_eviction": {"policy": "h2o"}}}]})
+
+
 def test_routing_by_hint_and_prompt_length():
     config = ServeConfig()
     assert config.tier_for(10).name == "default"

@@ -13,8 +13,10 @@ Per configuration:
   decode with eviction active throughout (the first continuation token comes from prefill, before any eviction,
   so it is the same everywhere and left out);
 * needle retrieval: a passkey at several depths of real-text haystacks of several lengths (greedy, 8 tokens);
-* KV memory held: the most bytes the request holds while decoding (pages + value weights, measured from the
-  engine's blocks), and the ratio to what the full fp16 cache held for the same request in the same run.
+* KV memory held: the most bytes the request holds between decode steps (pages + value weights, measured from
+  the engine's blocks, after each step's eviction), and the ratio to what the full fp16 cache held for the same
+  request in the same run. Transients are not in it: the import needs the whole prompt's blocks for a moment,
+  and a step may take one block before its eviction.
 Progress on stderr, a table on stdout, JSON with --json and a PNG heatmap of the needle grid beside it.
 """
 
@@ -253,7 +255,7 @@ def run_eval_longctx(args: argparse.Namespace) -> int:
     _progress("loading the model")
     loaded = load_model(args.model, dtype=torch.float32, device="cpu")
     context_window = loaded.config.max_position_embeddings
-    max_len = max(lengths + [args.ppl_context]) + max(args.ppl_continuation, NEEDLE_TOKENS) + 16
+    max_len = max([n + NEEDLE_TOKENS for n in lengths] + [args.ppl_context + args.ppl_continuation]) + 16
     if max_len > context_window:
         raise ValueError(f"needle lengths / perplexity windows need {max_len} tokens; the model's context is "
                          f"{context_window}")

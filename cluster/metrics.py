@@ -2,7 +2,7 @@
 
 Names are prefixed `tierserve_`; every series carries the tier. What an on-call engineer needs when
 autoscaling misbehaves: latency (TTFT, inter-token), queue depth and running requests, KV blocks
-used/free per tier, KV transfer bytes/seconds/failures, and stream migrations.
+used/free/evicted per tier, KV transfer bytes/seconds/failures, and stream migrations.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class EngineMetrics:
                                                   boundaries=LATENCY_BUCKETS_S, tag_keys=("tier", "role"))
         self.transfer_failures = metrics.Counter("tierserve_kv_transfer_failures_total", "failed KV handoffs",
                                                  tag_keys=("tier", "role"))
+        # A counter fed from the engine's lifetime count: the sampler adds what was evicted since its last look.
+        self.blocks_evicted = metrics.Counter("tierserve_kv_blocks_evicted_total",
+                                              "KV blocks dropped by the eviction policy", tag_keys=("tier", "role"))
+        self._evicted_seen = 0
         self._engine = engine
         self._period_s = period_s
         threading.Thread(target=self._sample_forever, name="tierserve-metrics", daemon=True).start()
@@ -60,4 +64,8 @@ class EngineMetrics:
             self.blocks_used.set(pool.num_used_blocks, tags=self._tags)
             self.blocks_free.set(pool.num_free_blocks, tags=self._tags)
             self.running.set(self._engine.num_requests, tags=self._tags)
+            evicted = self._engine.num_evicted_blocks
+            if evicted > self._evicted_seen:
+                self.blocks_evicted.inc(evicted - self._evicted_seen, tags=self._tags)
+                self._evicted_seen = evicted
             time.sleep(self._period_s)

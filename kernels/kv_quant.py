@@ -562,10 +562,14 @@ def triton_quant_paged_decode_attention(
     v_bits, v_bitpos, v_group, v_codebook, _ = _layout_tensors(value_layout)
 
     out = torch.empty(B, H, D, dtype=torch.float32, device=query.device)
-    M = block_tables.shape[1]
-    block_lse = torch.full((B, H, M), float("-inf"), dtype=torch.float32, device=query.device)
-    lse = torch.zeros(B, H, dtype=torch.float32, device=query.device)
-    weights = check_token_weights(token_weights, key_codes) if token_weights is not None else lse
+    block_lse = lse = weights = out  # placeholders: the kernel never touches them unless asked (constexpr flags)
+    if with_block_mass:
+        # Blocks a sequence does not visit keep -inf, i.e. mass 0.
+        block_lse = torch.full((B, H, block_tables.shape[1]), float("-inf"), dtype=torch.float32,
+                               device=query.device)
+        lse = torch.zeros(B, H, dtype=torch.float32, device=query.device)
+        if token_weights is not None:
+            weights = check_token_weights(token_weights, key_codes)
     if B == 0:
         return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
     _quant_paged_decode_kernel[(B, Hkv)](
@@ -583,10 +587,10 @@ def triton_quant_paged_decode_attention(
         k_codebook.stride(0), v_codebook.stride(0),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        weights.stride(0), weights.stride(1) if weights.dim() == 3 else 0,
+        weights.stride(0), weights.stride(1),
         block_lse.stride(0), block_lse.stride(1), lse.stride(0),
         G=G, D=D, K_NUM_BYTES=key_layout.num_bytes, V_NUM_BYTES=value_layout.num_bytes,
         BLOCK_G=triton.next_power_of_2(G), BLOCK_S=S, BLOCK_D=triton.next_power_of_2(D),
-        WITH_MASS=with_block_mass, WITH_WEIGHTS=token_weights is not None,
+        WITH_MASS=with_block_mass, WITH_WEIGHTS=with_block_mass and token_weights is not None,
     )
     return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out

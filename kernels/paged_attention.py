@@ -305,11 +305,14 @@ def triton_paged_decode_attention(
     seq_lens = seq_lens.contiguous()
 
     out = torch.empty_like(query)
-    M = block_tables.shape[1]
-    # Blocks a sequence does not visit keep -inf, i.e. mass 0.
-    block_lse = torch.full((B, H, M), float("-inf"), dtype=torch.float32, device=query.device)
-    lse = torch.zeros(B, H, dtype=torch.float32, device=query.device)
-    weights = check_token_weights(token_weights, key_cache) if token_weights is not None else lse
+    block_lse = lse = weights = out  # placeholders: the kernel never touches them unless asked (constexpr flags)
+    if with_block_mass:
+        # Blocks a sequence does not visit keep -inf, i.e. mass 0.
+        block_lse = torch.full((B, H, block_tables.shape[1]), float("-inf"), dtype=torch.float32,
+                               device=query.device)
+        lse = torch.zeros(B, H, dtype=torch.float32, device=query.device)
+        if token_weights is not None:
+            weights = check_token_weights(token_weights, key_cache)
     if B == 0:
         return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
     _paged_decode_kernel[(B, Hkv)](
@@ -321,11 +324,11 @@ def triton_paged_decode_attention(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        weights.stride(0), weights.stride(1) if weights.dim() == 3 else 0,
+        weights.stride(0), weights.stride(1),
         block_lse.stride(0), block_lse.stride(1), lse.stride(0),
         G=G, D=D,
         BLOCK_G=triton.next_power_of_2(G), BLOCK_S=S, BLOCK_D=triton.next_power_of_2(D),
-        WITH_MASS=with_block_mass, WITH_WEIGHTS=token_weights is not None,
+        WITH_MASS=with_block_mass, WITH_WEIGHTS=with_block_mass and token_weights is not None,
     )
     return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
 

@@ -136,10 +136,12 @@ class Engine:
         if not prompt_token_ids:
             raise InvalidRequestError("prompt_token_ids", "must not be empty")
         vocab_size = self.loaded.config.vocab_size
-        for field_name, token_ids in (("prompt_token_ids", prompt_token_ids), ("forced_token_ids", params.forced_token_ids)):
+        for field_name, token_ids in (("prompt_token_ids", prompt_token_ids),
+                                      ("forced_token_ids", params.forced_token_ids)):
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
             if bad:
-                raise InvalidRequestError(field_name, f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+                raise InvalidRequestError(field_name,
+                                          f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 "prompt", f"prompt has {len(prompt_token_ids)} tokens; the context window is {self.max_model_len} "
@@ -223,7 +225,7 @@ class Engine:
         self._text[request_id] = TextState(self.tokenizer, seq.prompt_token_ids, seq.params)
         self.scheduler.add_running(seq)
         output = self._postprocess(seq, first_token_id, None)
-        seq.scores_observed = True
+        seq.prefill_done = True
         self._evict_over_budget(seq)  # as a unified engine would right after the prefill step
         return output
 
@@ -250,7 +252,7 @@ class Engine:
         for item in scheduled.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
-            seq.scores_observed = seq.num_computed_tokens == seq.num_tokens  # caught up: the window has voted
+            seq.prefill_done = seq.num_computed_tokens == seq.num_tokens
             self.kv.cache_full_blocks(seq)
         seqs = model_output.sampled_seqs
         forced = [s.params.forced_token_ids[s.num_output_tokens] if s.num_output_tokens < len(s.params.forced_token_ids)
@@ -271,15 +273,13 @@ class Engine:
             return
         decode_mass = scores.decode_mass.cpu()
         for row, seq in enumerate(model_output.decode_seqs):
-            spec = seq.score_spec
-            # A 1-token last chunk of prefill runs as a decode row: it is the observation window's last query.
-            if spec is not None and (spec.accumulate_decode or not seq.scores_observed):
+            # Decode rows are true decodes here: the runner sends a scored sequence's prefill through the prefill path.
+            if seq.score_spec is not None and seq.score_spec.accumulate_decode:
                 _add_to_scores(seq, decode_mass[row, :len(seq.block_table)])
 
     def _evict_over_budget(self, seq: Sequence) -> None:
-        """Evict once prefill is done (every known token computed but the one just sampled) and while running."""
-        if isinstance(self.eviction, NoEviction) or seq.is_finished or seq.hold_kv \
-                or seq.num_computed_tokens != seq.num_tokens - 1:
+        """Evict once prefill is done (the window has voted and a token was sampled), while the sequence runs."""
+        if isinstance(self.eviction, NoEviction) or seq.is_finished or seq.hold_kv or not seq.prefill_done:
             return
         table = seq.block_table
         candidate = EvictionCandidate(

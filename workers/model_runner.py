@@ -44,8 +44,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
-        decodes = [s for s in scheduled if s.is_decode]
-        prefills = [s for s in scheduled if not s.is_decode]
+        # A scored sequence still in prefill takes the prefill path even for a 1-token chunk, so that token's query
+        # votes as part of the observation window (weighted by the spec), never as a decode vote.
+        is_decode = [s.is_decode and (s.seq.score_spec is None or s.seq.prefill_done) for s in scheduled]
+        decodes = [s for s, decode in zip(scheduled, is_decode) if decode]
+        prefills = [s for s, decode in zip(scheduled, is_decode) if not decode]
         block_size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -74,7 +77,7 @@ class ModelRunner:
             # The observation window is the last W known tokens' queries; chunked prefill may split it, and each
             # chunk votes with its share (causal, so the sum is what one unchunked window would give).
             num_observed = 0
-            if seq.score_spec is not None and not seq.scores_observed:
+            if seq.score_spec is not None and not seq.prefill_done:
                 num_observed = max(0, end - max(start, seq.num_tokens - seq.score_spec.observe_window))
             if num_observed:
                 observed_seqs[len(chunks)] = seq

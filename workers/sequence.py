@@ -45,7 +45,9 @@ class Sequence:
     num_evicted_tokens: int = 0
     score_spec: ScoreSpec | None = None  # how block_scores are fed (None: no scores kept)
     block_scores: torch.Tensor | None = None  # [<= len(block_table)] float32 votes per held block
-    scores_observed: bool = False  # the observation window has voted (the catch-up of known tokens is done)
+    # Every known token has been computed since the sequence (re)started: prefill, or recompute after preemption,
+    # is over, the observation window has voted, and eviction may start.
+    prefill_done: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule only)
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING

@@ -326,8 +326,10 @@ def test_prometheus_metrics_are_exported(cluster):
 
     stub, _ = cluster
     call(stub, "disagg", greedy("Metrics please", 4))
+    call(stub, "disagg", greedy(" ".join(["word"] * 450), 2))  # the long tier evicts
     wanted = ["tierserve_ttft_seconds", "tierserve_kv_blocks_used", "tierserve_kv_transfer_bytes_total",
-              "tierserve_router_requests_in_flight", "tierserve_kv_transfer_failures_total"]
+              "tierserve_router_requests_in_flight", "tierserve_kv_transfer_failures_total",
+              "tierserve_kv_blocks_evicted_total"]
     deadline = time.monotonic() + 60
     text = ""
     while time.monotonic() < deadline:

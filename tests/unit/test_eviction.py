@@ -98,17 +98,19 @@ def test_observation_block_mass_matches_a_naive_oracle():
     query, key = torch.randn(W, H, D, generator=generator), torch.randn(Tk, Hkv, D, generator=generator)
     weights = torch.rand(Tk, Hkv, generator=generator) + 0.1
     expected = torch.zeros(math.ceil(Tk / S), dtype=torch.float64)
+    G = H // Hkv
     for w in range(W):
         visible = Tk - W + w + 1
-        for h in range(H):
-            logits = key[:visible, h // (H // Hkv)].double() @ query[w, h].double() * 0.3
-            votes = torch.softmax(logits, 0) * weights[:visible, h // (H // Hkv)].double()
+        for kv_head in range(Hkv):
+            votes = sum(torch.softmax(key[:visible, kv_head].double() @ query[w, h].double() * 0.3, 0)
+                        for h in range(kv_head * G, (kv_head + 1) * G))
+            votes = votes * weights[:visible, kv_head].double()
             votes = votes / votes.sum()
             for t in range(visible):
                 expected[t // S] += votes[t]
     got = observation_block_mass(query, key, weights, 0.3, S)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
-    assert float(got.sum()) == pytest.approx(W * H, rel=1e-5)
+    assert float(got.sum()) == pytest.approx(W * Hkv, rel=1e-5)  # one vote per query and KV head, like decode
 
 
 def test_output_weighting_is_the_norm_through_each_query_heads_output_columns():
@@ -226,3 +228,25 @@ def test_a_prefix_cached_prompt_gets_the_same_observation_votes(tiny_loaded):
         assert seq.num_cached_tokens == (0 if request_id == "first" else 48)  # 61 - 10 = 51 -> 12 full blocks
     torch.testing.assert_close(votes[1], votes[0], atol=1e-5, rtol=1e-5)
     assert float(votes[0].sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "value_aware"])
+def test_prefill_chunking_changes_neither_votes_nor_tokens(tiny_loaded, name):
+    """A prompt split so that its last chunk is one token (and one that stops a token short of the end) votes
+    and evicts exactly like one unchunked prefill: eviction waits until the whole prompt has been computed."""
+    prompt = random_prompts(1, seed=27, min_len=33, max_len=33)[0]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    options = eviction(name, budget=0.4, observe_window=8, recent_blocks=2)
+    runs = []
+    for budget_tokens in (64, 32, 16):  # one chunk; 32 + 1; 16 + 16 + 1
+        engine = make_engine(tiny_loaded, max_num_batched_tokens=budget_tokens, **options)
+        engine.add_request("r", prompt_token_ids=prompt, params=params)
+        seq, votes, tokens = engine._sequences["r"], None, []
+        while engine.has_unfinished():
+            tokens += [t for output in engine.step() for t in output.new_token_ids]
+            if votes is None and seq.prefill_done:
+                votes = seq.block_scores.clone()
+        runs.append((votes, tokens, engine.kv_stats().num_evicted_blocks))
+    for votes, tokens, num_evicted in runs[1:]:
+        torch.testing.assert_close(votes, runs[0][0], atol=1e-5, rtol=1e-5)
+        assert tokens == runs[0][1] and num_evicted == runs[0][2] > 0

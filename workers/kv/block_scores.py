@@ -4,8 +4,9 @@
 """Block importance scores for eviction: what feeds them, where they are stored, how one step collects them.
 
 A sequence's score of block j is a sum of votes. Each vote is one query's attention over the sequence's
-blocks in one (layer, KV head), normalised to sum to 1 -- so layers and heads with large values do not
-drown the others -- optionally weighted per token by the value's size (value-aware eviction):
+blocks in one (layer, KV head) -- its G query heads' probabilities summed -- optionally weighted per token by
+the value's size (value-aware eviction), then normalised to sum to 1, so layers and heads with large values
+do not drown the others. The weights:
 
 * ``l1``     -- ||v_t||_1, the VATP weighting (a token that is attended but adds almost nothing to the output,
                like an attention sink, is worth less than its attention says);
@@ -15,6 +16,10 @@ drown the others -- optionally weighted per token by the value's size (value-awa
 Votes come from two places: the observation window (the prompt's last W queries, at the end of prefill --
 they have read the question, so the needle gets its votes; SnapKV) and every decode step. A policy picks
 which of the two it uses (``ScoreSpec``). Scores live on the Sequence, beside its block table.
+
+The weights are computed from the values as the model produced them, before a lossy codec encodes them (and
+from the decoded pages for an imported prompt): a weight steers which block to keep, and the codec's error
+on it is far below what separates blocks.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ def observation_block_mass(query: torch.Tensor, key: torch.Tensor, weights: torc
     """Votes of the last W queries over all Tk keys, summed per block -> [nb] float32.
 
     query [W, H, D] are the LAST W positions of key [Tk, Hkv, D] (causal); weights [Tk, Hkv] or None.
-    Each (query, query head) vote is normalised to 1 after weighting.
+    Each (query, KV head) vote is normalised to 1 after weighting, as ScoreCollector.add_decode does.
     """
     num_queries, num_heads, _ = query.shape
     num_keys, num_kv_heads, _ = key.shape
@@ -108,11 +113,12 @@ def observation_block_mass(query: torch.Tensor, key: torch.Tensor, weights: torc
     logits = torch.einsum("whgd,thd->hgwt", q, key.float()) * scale  # [Hkv, G, W, Tk]
     query_pos = torch.arange(num_keys - num_queries, num_keys, device=query.device)
     future = torch.arange(num_keys, device=query.device)[None, :] > query_pos[:, None]  # [W, Tk]
-    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    # Exactly a decode vote per query: the G query heads' probabilities summed, weighted, normalised per KV head.
+    mass = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).sum(1)  # [Hkv, W, Tk]
     if weights is not None:
-        probs = probs * weights.float().t()[:, None, None, :]
-        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
-    per_token = probs.sum((0, 1, 2))  # [Tk]
+        mass = mass * weights.float().t()[:, None, :]
+    mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    per_token = mass.sum((0, 1))  # [Tk]
     num_blocks = -(-num_keys // block_size)
     padded = per_token.new_zeros(num_blocks * block_size)
     padded[:num_keys] = per_token

@@ -122,7 +122,11 @@ class H2OEviction(ScoredEviction):
 
 
 class SnapKVEviction(ScoredEviction):
-    """SnapKV: the observation window's attention at the end of prefill, then frozen (later blocks rank by age)."""
+    """SnapKV: the observation window's attention at the end of prefill, then frozen.
+
+    Blocks written after prefill never get votes, so once out of the recent window they go first (oldest first),
+    before any prompt block the window voted for.
+    """
 
     name = "snapkv"
 

@@ -98,7 +98,7 @@ class KVCacheManager:
         seq.block_table = []
         seq.num_evicted_tokens = 0
         seq.block_scores = None
-        seq.scores_observed = False
+        seq.prefill_done = False
         self._block_hashes.pop(seq.request_id, None)
 
     def is_shared(self, block_id: int) -> bool:

@@ -46,6 +46,22 @@ def check_token_weights(token_weights: torch.Tensor, key_cache: torch.Tensor) ->
     return token_weights
 
 
+def mass_buffers(out: torch.Tensor, num_columns: int, key_cache: torch.Tensor, token_weights: torch.Tensor | None,
+                 with_block_mass: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernels' (block_lse [B, H, M], lse [B, H], weights) arguments; out [B, H, D] is the attention output.
+
+    Without ``with_block_mass`` they are placeholders (the kernel's constexpr flags keep it from touching them).
+    """
+    if not with_block_mass:
+        return out, out, out
+    B, H, _ = out.shape
+    # Blocks a sequence does not visit keep -inf, i.e. mass 0.
+    block_lse = torch.full((B, H, num_columns), float("-inf"), dtype=torch.float32, device=out.device)
+    lse = torch.zeros(B, H, dtype=torch.float32, device=out.device)
+    weights = check_token_weights(token_weights, key_cache) if token_weights is not None else out
+    return block_lse, lse, weights
+
+
 def block_mass_from_probs(probs: torch.Tensor, weights: torch.Tensor | None, block_size: int,
                           num_columns: int) -> torch.Tensor:
     """probs [B, Hkv, G, L] (0 past each sequence), weights [B, L, Hkv] or None -> block mass [B, Hkv, M]."""

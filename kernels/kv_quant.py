@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.block_mass import block_mass_from_lse, block_mass_from_probs, check_token_weights, gather_token_weights
+from kernels.block_mass import block_mass_from_lse, block_mass_from_probs, gather_token_weights, mass_buffers
 
 try:  # Triton is optional: CPU-only machines must still import this module.
     import triton
@@ -562,14 +562,7 @@ def triton_quant_paged_decode_attention(
     v_bits, v_bitpos, v_group, v_codebook, _ = _layout_tensors(value_layout)
 
     out = torch.empty(B, H, D, dtype=torch.float32, device=query.device)
-    block_lse = lse = weights = out  # placeholders: the kernel never touches them unless asked (constexpr flags)
-    if with_block_mass:
-        # Blocks a sequence does not visit keep -inf, i.e. mass 0.
-        block_lse = torch.full((B, H, block_tables.shape[1]), float("-inf"), dtype=torch.float32,
-                               device=query.device)
-        lse = torch.zeros(B, H, dtype=torch.float32, device=query.device)
-        if token_weights is not None:
-            weights = check_token_weights(token_weights, key_codes)
+    block_lse, lse, weights = mass_buffers(out, block_tables.shape[1], key_codes, token_weights, with_block_mass)
     if B == 0:
         return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
     _quant_paged_decode_kernel[(B, Hkv)](

@@ -210,7 +210,7 @@ def test_bad_input_gets_a_clear_status(cluster, request_kwargs, code, needle):
 
 
 def test_tier_routing_by_hint_and_length(cluster):
-    stub, _ = cluster
+    stub, serve = cluster
     assert call(stub, "disagg", greedy("Hello", 2, )).tier == "default"
     assert call(stub, "disagg", pb.GenerateRequest(prompt="Hello", tier="long",
                                                    sampling=pb.SamplingParams(max_tokens=2))).tier == "long"

@@ -41,7 +41,7 @@ NEEDLE_TOKENS = 8
 
 @dataclass(frozen=True)
 class LongCtxConfig:
-    policy: str  # an eviction policy name; "value_aware:output" weighs votes by ||W_O v||
+    policy: str  # an eviction policy name, then options: "value_aware:output" (||W_O v|| weights), ":max" (aggregate)
     budget: float  # fraction of blocks kept (1.0 with policy none: the full cache)
     codec: str
 
@@ -56,9 +56,11 @@ class LongCtxConfig:
     def eviction(self, observe_window: int) -> dict:
         if self.policy == "none":
             return {}
-        policy, _, value_norm = self.policy.partition(":")
-        return {"policy": policy, "budget": self.budget, "observe_window": observe_window,
-                "value_norm": value_norm or "l1"}
+        policy, *options = self.policy.split(":")
+        eviction = {"policy": policy, "budget": self.budget, "observe_window": observe_window}
+        for option in options:
+            eviction["aggregate" if option in ("sum", "max") else "value_norm"] = option
+        return eviction
 
 
 @dataclass
@@ -297,7 +299,8 @@ def run_eval_longctx(args: argparse.Namespace) -> int:
 def add_eval_longctx_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("longctx")
     group.add_argument("--policies", default="streaming,h2o,snapkv,value_aware",
-                       help="eviction policies (value_aware:output weighs votes by ||W_O v||)")
+                       help="eviction policies, options after ':' (value_aware:output weighs votes by ||W_O v||, "
+                            "h2o:max combines (layer, head) votes by their largest share)")
     group.add_argument("--budgets", default="0.5,0.25,0.125", help="fractions of each request's blocks kept")
     group.add_argument("--compound-codecs", default="tq-k4v4",
                        help="codecs run under value_aware at every budget (compound ratio); empty for none")

@@ -57,7 +57,7 @@ class KVTicket:
     num_cached_tokens: int  # prefix-cache hit on the prefill tier
     prefill_replica: str
     seconds: float  # prefill + transfer, on the prefill replica
-    block_scores: tuple[float, ...] | None = None  # per block, when the request carried a score_spec
+    block_scores: torch.Tensor | None = None  # [voters, blocks] votes, when the request carried a score_spec
     # Set only when no process group could be formed: the encoded blocks ride in the ticket itself
     # (through Ray's object store) instead of over torch.distributed.
     payload: torch.Tensor | None = None

@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+import torch
+
 from workers.engine import Engine
 from workers.kv.block_scores import ScoreSpec
 from workers.outputs import RequestOutput
@@ -59,7 +61,7 @@ class _Call:
 class _Commit:
     request_id: str
     first_token_id: int
-    block_scores: tuple[float, ...] | None
+    block_scores: torch.Tensor | None
     stream: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -86,7 +88,7 @@ class AsyncEngine:
             yield output
 
     async def stream_imported(self, request_id: str, first_token_id: int,
-                              block_scores: tuple[float, ...] | None = None) -> AsyncIterator[RequestOutput]:
+                              block_scores: torch.Tensor | None = None) -> AsyncIterator[RequestOutput]:
         """Start decoding a request whose KV was imported into blocks from reserve_import."""
         self._check_alive()
         stream: asyncio.Queue = asyncio.Queue()

@@ -23,6 +23,8 @@ class EvictionConfig(BaseModel):
     observe_window: int = Field(32, ge=1, description="prompt queries whose attention scores blocks after prefill")
     value_norm: Literal["l1", "output"] = Field(
         "l1", description="value_aware weighting: ||v||_1 (VATP) or ||W_O v||_2 (effect on the output)")
+    aggregate: Literal["sum", "max"] = Field(
+        "sum", description="combine (layer, KV head) votes: total attention, or the largest share any one gives")
 
     @model_validator(mode="after")
     def _budget_given(self) -> "EvictionConfig":

@@ -41,7 +41,7 @@ class HeldKV:
     block_ids: tuple[int, ...]
     num_tokens: int  # tokens whose K/V the blocks hold (the prompt)
     first_token_id: int
-    block_scores: tuple[float, ...] | None = None  # observation-window votes, when the decode tier asked for them
+    block_scores: torch.Tensor | None = None  # [V, blocks] observation-window votes, when the decode tier asked
     num_cached_tokens: int = 0  # prompt tokens this replica's prefix cache served
 
 
@@ -108,7 +108,7 @@ class Engine:
                                 sink_blocks=eviction.sink_blocks, recent_blocks=eviction.recent_blocks)
         self.eviction: EvictionPolicy = make_eviction_policy(
             "none" if config.role == "prefill" else eviction.policy, budget, eviction.observe_window,
-            eviction.value_norm)
+            eviction.value_norm, eviction.aggregate)
         self.score_spec: ScoreSpec | None = self.eviction.score_spec
         self.weighting = self.score_spec.weighting if self.score_spec is not None else "none"
         self._output_maps = None
@@ -201,14 +201,14 @@ class Engine:
         return list(seq.block_table)
 
     def commit_import(self, request_id: str, first_token_id: int,
-                      block_scores: tuple[float, ...] | None = None) -> RequestOutput:
+                      block_scores: torch.Tensor | None = None) -> RequestOutput:
         """The KV bytes are in the reserved blocks: join the running batch and emit the prefill's first token.
 
         block_scores: the observation-window votes the prefill tier computed for this engine's eviction policy.
         """
         seq = self._importing.pop(request_id)
         if block_scores is not None and seq.score_spec is not None:
-            seq.block_scores = torch.tensor(block_scores, dtype=torch.float32)
+            seq.block_scores = block_scores.float().cpu()
         if self.weight_store is not None:
             # Value weights are written with the K/V; imported pages were written elsewhere, so derive them from
             # the decoded pages once, here.
@@ -268,14 +268,14 @@ class Engine:
         """Fold the step's attention by-products into the sequences' block scores."""
         scores = model_output.scores
         for chunk_index, seq in model_output.observed_seqs.items():
-            _add_to_scores(seq, scores.observed[chunk_index].cpu())
+            _add_to_scores(seq, scores.observed(chunk_index).cpu())
         if scores.decode_mass is None:
             return
         decode_mass = scores.decode_mass.cpu()
         for row, seq in enumerate(model_output.decode_seqs):
             # Decode rows are true decodes here: the runner sends a scored sequence's prefill through the prefill path.
             if seq.score_spec is not None and seq.score_spec.accumulate_decode:
-                _add_to_scores(seq, decode_mass[row, :len(seq.block_table)])
+                _add_to_scores(seq, decode_mass[row, :, :len(seq.block_table)])
 
     def _evict_over_budget(self, seq: Sequence) -> None:
         """Evict once prefill is done (the window has voted and a token was sampled), while the sequence runs."""
@@ -312,7 +312,7 @@ class Engine:
         self.scheduler.finish(seq, free_blocks=not hold)
         if hold:
             # The blocks hold the prompt's K/V (the sampled token is not computed yet).
-            scores = tuple(seq.block_scores.tolist()) if seq.block_scores is not None else None
+            scores = seq.block_scores.clone() if seq.block_scores is not None else None
             self._held[seq.request_id] = (seq, HeldKV(seq.request_id, tuple(seq.block_table), seq.num_prompt_tokens,
                                                       seq.output_token_ids[-1], scores, seq.num_cached_tokens))
         text_state = self._text.pop(seq.request_id)
@@ -345,20 +345,20 @@ class Engine:
 
 
 def _add_to_scores(seq: Sequence, votes: torch.Tensor) -> None:
-    """votes [nb] over the sequence's first nb held blocks."""
+    """votes [V, nb] over the sequence's first nb held blocks."""
     previous = seq.block_scores
     if previous is None:
         seq.block_scores = votes.clone()
     else:
-        length = max(previous.shape[0], votes.shape[0])
+        length = max(previous.shape[-1], votes.shape[-1])
         seq.block_scores = _fit(previous, length) + _fit(votes, length)
 
 
 def _fit(scores: torch.Tensor, length: int) -> torch.Tensor:
-    """Scores padded with zeros (blocks written since the last vote) or cut to `length` blocks."""
-    if scores.shape[0] >= length:
-        return scores[:length]
-    return torch.cat([scores, scores.new_zeros(length - scores.shape[0])])
+    """Scores [V, n] padded with zeros (blocks written since the last vote) or cut to `length` blocks."""
+    if scores.shape[-1] >= length:
+        return scores[:, :length]
+    return torch.cat([scores, scores.new_zeros(scores.shape[0], length - scores.shape[-1])], dim=-1)
 
 
 @dataclass

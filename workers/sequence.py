@@ -44,7 +44,7 @@ class Sequence:
     # (p - num_evicted_tokens) // S; positions (RoPE) are unchanged, the keys were rotated when written.
     num_evicted_tokens: int = 0
     score_spec: ScoreSpec | None = None  # how block_scores are fed (None: no scores kept)
-    block_scores: torch.Tensor | None = None  # [<= len(block_table)] float32 votes per held block
+    block_scores: torch.Tensor | None = None  # [V, <= len(block_table)] float32 votes per voter and held block
     # Every known token has been computed since the sequence (re)started: prefill, or recompute after preemption,
     # is over, the observation window has voted, and eviction may start.
     prefill_done: bool = False

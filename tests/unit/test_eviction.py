@@ -108,8 +108,9 @@ def test_observation_block_mass_matches_a_naive_oracle():
             votes = votes / votes.sum()
             for t in range(visible):
                 expected[t // S] += votes[t]
-    got = observation_block_mass(query, key, weights, 0.3, S)
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    got = observation_block_mass(query, key, weights, 0.3, S)  # [Hkv, nb]: one row per voter
+    assert got.shape == (Hkv, math.ceil(Tk / S))
+    torch.testing.assert_close(got.sum(0).double(), expected, atol=1e-5, rtol=1e-5)
     assert float(got.sum()) == pytest.approx(W * Hkv, rel=1e-5)  # one vote per query and KV head, like decode
 
 
@@ -250,3 +251,14 @@ def test_prefill_chunking_changes_neither_votes_nor_tokens(tiny_loaded, name):
     for votes, tokens, num_evicted in runs[1:]:
         torch.testing.assert_close(votes, runs[0][0], atol=1e-5, rtol=1e-5)
         assert tokens == runs[0][1] and num_evicted == runs[0][2] > 0
+
+
+def test_max_aggregation_keeps_a_block_one_voter_needs():
+    """Voter 0 spreads its votes broadly; voter 1 (a retrieval head) puts most of its smaller total on block 3.
+    Summed, block 3 loses to the broad blocks; by largest share, voter 1's pick survives."""
+    broad = [1.0, 6.0, 5.0, 1.0, 4.0, 1.0, 1.0, 1.0]
+    focused = [0.1, 0.1, 0.1, 3.0, 0.1, 0.1, 0.1, 0.1]
+    budget = EvictionBudget(None, 4, sink_blocks=1, recent_blocks=2)
+    scores = [broad, focused]
+    assert make_eviction_policy("h2o", budget).select(candidate(8, scores)) == [2, 3, 4, 5]
+    assert make_eviction_policy("h2o", budget, aggregate="max").select(candidate(8, scores)) == [1, 2, 4, 5]

@@ -15,7 +15,8 @@ do not drown the others. The weights:
 
 Votes come from two places: the observation window (the prompt's last W queries, at the end of prefill --
 they have read the question, so the needle gets its votes; SnapKV) and every decode step. A policy picks
-which of the two it uses (``ScoreSpec``). Scores live on the Sequence, beside its block table.
+which of the two it uses (``ScoreSpec``). Scores live on the Sequence, beside its block table, one row per
+voter (layer, KV head): a policy decides how to combine them (a sum, or the largest share any voter gives).
 
 The weights are computed from the values as the model produced them, before a lossy codec encodes them (and
 from the decoded pages for an imported prompt): a weight steers which block to keep, and the codec's error
@@ -101,7 +102,7 @@ class TokenWeightStore:
 
 def observation_block_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor | None, scale: float,
                            block_size: int) -> torch.Tensor:
-    """Votes of the last W queries over all Tk keys, summed per block -> [nb] float32.
+    """Votes of the last W queries over all Tk keys, summed per block -> [Hkv, nb] float32.
 
     query [W, H, D] are the LAST W positions of key [Tk, Hkv, D] (causal); weights [Tk, Hkv] or None.
     Each (query, KV head) vote is normalised to 1 after weighting, as ScoreCollector.add_decode does.
@@ -118,11 +119,11 @@ def observation_block_mass(query: torch.Tensor, key: torch.Tensor, weights: torc
     if weights is not None:
         mass = mass * weights.float().t()[:, None, :]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
-    per_token = mass.sum((0, 1))  # [Tk]
+    per_token = mass.sum(1)  # [Hkv, Tk]
     num_blocks = -(-num_keys // block_size)
-    padded = per_token.new_zeros(num_blocks * block_size)
-    padded[:num_keys] = per_token
-    return padded.view(num_blocks, block_size).sum(-1)
+    padded = per_token.new_zeros(num_kv_heads, num_blocks * block_size)
+    padded[:, :num_keys] = per_token
+    return padded.view(num_kv_heads, num_blocks, block_size).sum(-1)
 
 
 @dataclass
@@ -133,20 +134,27 @@ class ScoreCollector:
     collect_decode: bool  # decode rows report their block mass this step
     store: TokenWeightStore | None  # engine-wide value weights (written for every token), or None
     maps: list[torch.Tensor] | None = None  # output maps for output-weighted observation windows
-    decode_mass: torch.Tensor | None = None  # [Bd, M] summed over layers and heads
-    observed: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill chunk index -> [nb]
+    decode_layers: list[torch.Tensor] = field(default_factory=list)  # per layer [Bd, Hkv, M] votes
+    observed_layers: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # chunk index -> per layer [Hkv, nb]
 
     def decode_weights(self, layer: int) -> torch.Tensor | None:
         return self.store.arrays[layer] if self.store is not None else None
 
     def add_decode(self, mass: torch.Tensor) -> None:
         """mass [Bd, Hkv, M] from one layer's decode attention."""
-        votes = (mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)).sum(1)
-        self.decode_mass = votes if self.decode_mass is None else self.decode_mass + votes
+        self.decode_layers.append(mass / mass.sum(-1, keepdim=True).clamp_min(1e-30))
 
     def add_observation(self, chunk_index: int, mass: torch.Tensor) -> None:
-        previous = self.observed.get(chunk_index)
-        self.observed[chunk_index] = mass if previous is None else previous + mass
+        self.observed_layers.setdefault(chunk_index, []).append(mass)
+
+    @property
+    def decode_mass(self) -> torch.Tensor | None:
+        """[Bd, V, M]: one row of votes per voter (layer, KV head), V = L * Hkv."""
+        return torch.cat(self.decode_layers, dim=1) if self.decode_layers else None
+
+    def observed(self, chunk_index: int) -> torch.Tensor:
+        """[V, nb] the chunk's observation votes per voter (layer, KV head)."""
+        return torch.cat(self.observed_layers[chunk_index], dim=0)
 
     def output_map(self, layer: int) -> torch.Tensor | None:
         return self.maps[layer] if self.maps is not None else None

@@ -1,8 +1,9 @@
 """EvictionPolicy: which of a running sequence's blocks leave the cache when it is over its KV budget.
 
 The unit is the block, and the block is evicted in every layer at once: a pool block holds all layers'
-pages, so dropping it in some layers only would free no memory. Selection is per sequence, on one score
-per block summed over layers and KV heads (workers/kv/block_scores.py says how votes are normalised).
+pages, so dropping it in some layers only would free no memory. Selection is per sequence, on one priority
+per block combined from the votes of every (layer, KV head) (workers/kv/block_scores.py says how votes are
+normalised; ScoredEviction how they combine).
 
 Every policy shares the rules; only the ranking differs:
 * the first ``sink_blocks`` blocks (attention sinks) and the last ``recent_blocks`` (the local window,
@@ -51,7 +52,7 @@ class EvictionCandidate:
     num_blocks: int  # blocks held now (the block table's length)
     num_evicted_blocks: int  # blocks already evicted (the table once was this much longer)
     shared: tuple[bool, ...]  # per held block: another sequence holds it too
-    scores: torch.Tensor | None  # [num_blocks] accumulated votes (None before any arrived)
+    scores: torch.Tensor | None  # [V, num_blocks] votes per voter (layer, KV head), or [num_blocks]; None before any
 
 
 class EvictionPolicy(ABC):
@@ -103,12 +104,26 @@ class StreamingEviction(EvictionPolicy):
 
 
 class ScoredEviction(EvictionPolicy):
-    """Ranks blocks by accumulated votes; subclasses say which votes (ScoreSpec)."""
+    """Ranks blocks by accumulated votes; subclasses say which votes (ScoreSpec).
+
+    ``aggregate`` combines the voters (layer, KV head): "sum" adds every vote (the block's total attention), "max"
+    takes the largest share of any one voter's votes (a block a few retrieval heads need survives even when the
+    other heads never look at it, as SnapKV's per-head top-k keeps it).
+    """
+
+    def __init__(self, budget: EvictionBudget, aggregate: str = "sum"):
+        super().__init__(budget)
+        self.aggregate = aggregate
 
     def priority(self, candidate: EvictionCandidate) -> torch.Tensor:
-        if candidate.scores is None:
+        scores = candidate.scores
+        if scores is None:
             return torch.zeros(candidate.num_blocks)
-        return candidate.scores
+        if scores.dim() == 1:
+            return scores
+        if self.aggregate == "max":
+            return (scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)).max(0).values
+        return scores.sum(0)
 
 
 class H2OEviction(ScoredEviction):
@@ -130,8 +145,8 @@ class SnapKVEviction(ScoredEviction):
 
     name = "snapkv"
 
-    def __init__(self, budget: EvictionBudget, observe_window: int):
-        super().__init__(budget)
+    def __init__(self, budget: EvictionBudget, observe_window: int, aggregate: str = "sum"):
+        super().__init__(budget, aggregate)
         self.observe_window = observe_window
 
     @property
@@ -144,8 +159,8 @@ class ValueAwareEviction(ScoredEviction):
 
     name = "value_aware"
 
-    def __init__(self, budget: EvictionBudget, observe_window: int, value_norm: str):
-        super().__init__(budget)
+    def __init__(self, budget: EvictionBudget, observe_window: int, value_norm: str, aggregate: str = "sum"):
+        super().__init__(budget, aggregate)
         self.observe_window = observe_window
         self.value_norm = value_norm
 
@@ -158,15 +173,15 @@ POLICY_NAMES = ("none", "streaming", "h2o", "snapkv", "value_aware")
 
 
 def make_eviction_policy(name: str, budget: EvictionBudget, observe_window: int = 32,
-                         value_norm: str = "l1") -> EvictionPolicy:
+                         value_norm: str = "l1", aggregate: str = "sum") -> EvictionPolicy:
     if name == "none":
         return NoEviction(budget)
     if name == "streaming":
         return StreamingEviction(budget)
     if name == "h2o":
-        return H2OEviction(budget)
+        return H2OEviction(budget, aggregate)
     if name == "snapkv":
-        return SnapKVEviction(budget, observe_window)
+        return SnapKVEviction(budget, observe_window, aggregate)
     if name == "value_aware":
-        return ValueAwareEviction(budget, observe_window, value_norm)
+        return ValueAwareEviction(budget, observe_window, value_norm, aggregate)
     raise ValueError(f"unknown eviction policy {name!r}; available: {', '.join(POLICY_NAMES)}")

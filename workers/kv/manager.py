@@ -88,8 +88,8 @@ class KVCacheManager:
         self.pool.free(seq.block_table[index] for index in indices)
         seq.block_table = [block for index, block in enumerate(seq.block_table) if index not in dropped]
         if seq.block_scores is not None:
-            keep = torch.tensor([index not in dropped for index in range(seq.block_scores.shape[0])])
-            seq.block_scores = seq.block_scores[keep]
+            keep = torch.tensor([index not in dropped for index in range(seq.block_scores.shape[-1])])
+            seq.block_scores = seq.block_scores[:, keep]
         seq.num_evicted_tokens += len(indices) * self.block_size
 
     def free(self, seq: Sequence) -> None:

@@ -24,7 +24,7 @@ class EvictionConfig(BaseModel):
     value_norm: Literal["l1", "output"] = Field(
         "l1", description="value_aware weighting: ||v||_1 (VATP) or ||W_O v||_2 (effect on the output)")
     aggregate: Literal["sum", "max"] = Field(
-        "sum", description="combine (layer, KV head) votes: total attention, or the largest share any one gives")
+        "max", description="combine (layer, KV head) votes: the largest share any one gives, or the total")
 
     @model_validator(mode="after")
     def _budget_given(self) -> "EvictionConfig":

@@ -260,5 +260,5 @@ def test_max_aggregation_keeps_a_block_one_voter_needs():
     focused = [0.1, 0.1, 0.1, 3.0, 0.1, 0.1, 0.1, 0.1]
     budget = EvictionBudget(None, 4, sink_blocks=1, recent_blocks=2)
     scores = [broad, focused]
-    assert make_eviction_policy("h2o", budget).select(candidate(8, scores)) == [2, 3, 4, 5]
-    assert make_eviction_policy("h2o", budget, aggregate="max").select(candidate(8, scores)) == [1, 2, 4, 5]
+    assert make_eviction_policy("h2o", budget, aggregate="sum").select(candidate(8, scores)) == [2, 3, 4, 5]
+    assert make_eviction_policy("h2o", budget).select(candidate(8, scores)) == [1, 2, 4, 5]  # max: the default

@@ -181,9 +181,14 @@ def evaluate_codec(loaded, name: str, calibration_path: str | None, regions: Tex
     return result, tokens
 
 
+def length_name(num_tokens: int) -> str:
+    """2048 -> "2K": the column label of a context length."""
+    return f"{round(num_tokens / 1024)}K" if num_tokens >= 1024 else str(num_tokens)
+
+
 def _table(results: list[CodecResult], lengths: list[int]) -> str:
     header = (f"{'codec':<24} {'B/token':>8} {'ratio':>6} {'ppl':>8} {'dppl%':>7} {'greedy':>7} {'1st-div':>7} "
-              + " ".join(f"{'ndl' + (f'{round(n / 1024)}K' if n >= 1024 else str(n)):>6}" for n in lengths) + f" {'sec':>6}")
+              + " ".join(f"{'ndl' + length_name(n):>6}" for n in lengths) + f" {'sec':>6}")
     lines = [header, "-" * len(header)]
     for r in results:
         needles = " ".join(f"{r.needle_accuracy.get(str(n), float('nan')):>6.2f}" for n in lengths)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from cluster.eval_kv import needle_prompts, pydoc_text
+from cluster.eval_kv import length_name, needle_prompts, pydoc_text
 
 BASELINE_CODEC = "float16"
 NEEDLE_TOKENS = 8
@@ -198,13 +198,9 @@ def measure_needles(harness: Harness, cases) -> None:
         result.needle_accuracy = {length: sum(found) / len(found) for length, found in by_length.items()}
 
 
-def _length_name(length: int) -> str:
-    return f"{round(length / 1024)}K" if length >= 1024 else str(length)
-
-
 def _table(results: list[LongCtxResult], lengths: list[int]) -> str:
     header = (f"{'config':<30} {'held MB':>8} {'vs fp16':>7} {'ppl':>8} {'dppl%':>7} "
-              + " ".join(f"{'ndl' + _length_name(n):>6}" for n in lengths) + f" {'ndl':>5} {'sec':>6}")
+              + " ".join(f"{'ndl' + length_name(n):>6}" for n in lengths) + f" {'ndl':>5} {'sec':>6}")
     lines = [header, "-" * len(header)]
     for r in results:
         needles = " ".join(f"{r.needle_accuracy.get(str(n), float('nan')):>6.2f}" for n in lengths)
@@ -225,7 +221,7 @@ def plot(results: list[LongCtxResult], cells: list[str], path: str) -> None:
     figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(cells) + 4.5), 0.38 * len(results) + 1.8))
     axis.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     axis.set_xticks(range(len(cells)))
-    axis.set_xticklabels([f"{_length_name(int(c.split('@')[0]))}@{c.split('@')[1]}" for c in cells], rotation=60,
+    axis.set_xticklabels([f"{length_name(int(c.split('@')[0]))}@{c.split('@')[1]}" for c in cells], rotation=60,
                          fontsize=7)
     axis.set_yticks(range(len(results)))
     axis.set_yticklabels([f"{r.label}  ({r.memory_ratio_vs_fp16_full:.1f}x, ppl {r.perplexity_increase_pct:+.1f}%)"

@@ -16,15 +16,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # Triton is optional: CPU-only machines must still import this module.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from kernels.triton_support import HAS_TRITON as _HAS_TRITON, tl, triton
 
 
 def gather_token_weights(token_weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

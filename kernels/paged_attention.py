@@ -17,18 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels.block_mass import block_mass_from_lse, block_mass_from_probs, gather_token_weights, mass_buffers
+from kernels.triton_support import HAS_TRITON as _HAS_TRITON, tl, triton
 
-try:  # Triton is optional: CPU-only machines must still import this module.
-    import triton
-    import triton.language as tl
-
+if _HAS_TRITON:
     from kernels.block_mass import store_block_log_mass
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-    _HAS_TRITON = False
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -19,7 +19,7 @@ from workers.kv.block_pool import BlockPool
 from workers.kv.block_scores import ScoreSpec, TokenWeightStore, output_maps
 from workers.kv.calibration import KVCalibration
 from workers.kv.codecs import KVCodec
-from workers.kv.eviction import EvictionBudget, EvictionCandidate, EvictionPolicy, NoEviction, make_eviction_policy
+from workers.kv.eviction import EvictionBudget, EvictionCandidate, EvictionPolicy, make_eviction_policy
 from workers.kv.presets import make_codec
 from workers.kv.manager import KVCacheManager
 from workers.model.loader import LoadedModel, load_model
@@ -212,8 +212,8 @@ class Engine:
         if self.weight_store is not None:
             # Value weights are written with the K/V; imported pages were written elsewhere, so derive them from
             # the decoded pages once, here.
+            block_ids = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
             for layer, pages in enumerate(self.kv_pages):
-                block_ids = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
                 self.weight_store.write_blocks(layer, seq.block_table, self.codec.gather(pages, block_ids)[1])
         if seq.generator is not None:
             # The prefill replica drew the first token's noise from this seed: skip that draw so a
@@ -255,9 +255,8 @@ class Engine:
             seq.prefill_done = seq.num_computed_tokens == seq.num_tokens
             self.kv.cache_full_blocks(seq)
         seqs = model_output.sampled_seqs
-        forced = [s.params.forced_token_ids[s.num_output_tokens] if s.num_output_tokens < len(s.params.forced_token_ids)
-                  else None for s in seqs]
-        sampled = sample(model_output.logits, [s.params for s in seqs], [s.generator for s in seqs], forced)
+        sampled = sample(model_output.logits, [s.params for s in seqs], [s.generator for s in seqs],
+                         [s.forced_next_token for s in seqs])
         outputs = [self._postprocess(seq, token_id, logprobs)
                    for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs)]
         for item in scheduled.scheduled:
@@ -279,12 +278,15 @@ class Engine:
 
     def _evict_over_budget(self, seq: Sequence) -> None:
         """Evict once prefill is done (the window has voted and a token was sampled), while the sequence runs."""
-        if isinstance(self.eviction, NoEviction) or seq.is_finished or seq.hold_kv or not seq.prefill_done:
+        if seq.is_finished or seq.hold_kv or not seq.prefill_done:
             return
         table = seq.block_table
+        num_evicted_blocks = seq.num_evicted_tokens // self.block_size
+        # Checked first: under budget (most steps), no candidate is built (its shared flags walk the whole table).
+        if self.eviction.num_over_budget(len(table), num_evicted_blocks) <= 0:
+            return
         candidate = EvictionCandidate(
-            request_id=seq.request_id, num_blocks=len(table),
-            num_evicted_blocks=seq.num_evicted_tokens // self.block_size,
+            request_id=seq.request_id, num_blocks=len(table), num_evicted_blocks=num_evicted_blocks,
             shared=tuple(self.kv.is_shared(block) for block in table),
             scores=_fit(seq.block_scores, len(table)) if seq.block_scores is not None else None)
         indices = self.eviction.select(candidate)

@@ -72,6 +72,12 @@ class Sequence:
         return len(self.output_token_ids)
 
     @property
+    def forced_next_token(self) -> int | None:
+        """The teacher-forced token for the next output position, if the request forces one."""
+        forced = self.params.forced_token_ids
+        return forced[self.num_output_tokens] if self.num_output_tokens < len(forced) else None
+
+    @property
     def num_cached_kv_tokens(self) -> int:
         """Tokens whose K/V the held blocks hold now."""
         return self.num_computed_tokens - self.num_evicted_tokens

@@ -66,11 +66,15 @@ class EvictionPolicy(ABC):
         """Which votes this policy ranks by (None: it needs no scores)."""
         return None
 
+    def num_over_budget(self, num_blocks: int, num_evicted_blocks: int) -> int:
+        """Blocks a sequence holding num_blocks (after evicting num_evicted_blocks) must give up (<= 0: none)."""
+        return num_blocks - self.budget.blocks_to_keep(num_blocks + num_evicted_blocks)
+
     def select(self, candidate: EvictionCandidate) -> list[int]:
         """Ascending indices into the block table of the blocks to evict now (may be empty)."""
         budget = self.budget
         num_blocks = candidate.num_blocks
-        excess = num_blocks - budget.blocks_to_keep(num_blocks + candidate.num_evicted_blocks)
+        excess = self.num_over_budget(num_blocks, candidate.num_evicted_blocks)
         if excess <= 0:
             return []
         first_recent = num_blocks - budget.recent_blocks
@@ -87,8 +91,8 @@ class EvictionPolicy(ABC):
 class NoEviction(EvictionPolicy):
     name = "none"
 
-    def select(self, candidate: EvictionCandidate) -> list[int]:
-        return []
+    def num_over_budget(self, num_blocks: int, num_evicted_blocks: int) -> int:
+        return 0
 
     def priority(self, candidate: EvictionCandidate) -> torch.Tensor:
         return torch.zeros(candidate.num_blocks)

@@ -15,7 +15,7 @@ from cluster.config import ServeConfig, TierConfig
 from cluster.router import Router
 from cluster.servers import DecodeServer, PrefillServer
 
-GRPC_SERVICER = "protos.inference_pb2_grpc.add_InferenceServicer_to_server"
+GRPC_SERVICER = "cluster.grpc_ingress.add_inference_servicer"  # Serve's proxy + prompt client cancellation
 ROUTER_NUM_CPUS = 0.1  # tokenizing only; must not hold a core on small machines (DESIGN §11)
 
 

@@ -29,6 +29,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=64)
     group.add_argument("--max-num-batched-tokens", type=int, default=512)
     group.add_argument("--no-prefix-caching", action="store_true")
+    group.add_argument("--no-pack-cpu-weights", action="store_true",
+                       help="don't pack fp32 CPU weights for MKL (saves one copy of the weights; slower batches)")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -41,7 +43,7 @@ def _engine_config(args: argparse.Namespace):
         kv_exclude_layers=tuple(int(layer) for layer in args.kv_exclude_layers.split(",") if layer.strip()),
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.threads,
+        num_threads=args.threads, pack_cpu_weights=not args.no_pack_cpu_weights,
         kv_eviction={"policy": args.kv_eviction, "budget": args.kv_budget, "budget_blocks": args.kv_budget_blocks},
     )
 

@@ -71,6 +71,7 @@ class LongCtxResult:
     codec: str
     perplexity: float = float("nan")
     perplexity_increase_pct: float = float("nan")
+    window_perplexity: list[float] = field(default_factory=list)  # per perplexity window, for paired comparisons
     needle: dict[str, bool] = field(default_factory=dict)  # "length@depth" -> found
     needle_accuracy: dict[str, float] = field(default_factory=dict)  # length -> fraction found
     needle_overall: float = float("nan")
@@ -175,6 +176,7 @@ def measure_perplexity(harness: Harness, windows: list[list[int]], context: int)
             logprobs = [lp.logprob for output in stream[1:] for lp in output.logprobs]  # [0] came from prefill
             assert len(logprobs) == len(continuation) - 1
             nll[label] -= sum(logprobs)
+            harness.results[label].window_perplexity.append(math.exp(-sum(logprobs) / len(logprobs)))
         count += len(continuation) - 1
     baseline = math.exp(nll[harness.configs[0].label] / count)
     for label, result in harness.results.items():

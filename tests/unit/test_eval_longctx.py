@@ -24,6 +24,7 @@ def test_eval_longctx_reports_memory_perplexity_and_needles_per_policy(tmp_path)
     for label, row in rows.items():
         assert set(row["needle"]) == {"200@0.2", "200@0.8", "300@0.2", "300@0.8"}
         assert set(row["needle_accuracy"]) == {"200", "300"} and row["perplexity"] > 1.0
+        assert len(row["window_perplexity"]) == 1 and abs(row["window_perplexity"][0] - row["perplexity"]) < 1e-6
         if label != "full cache":
             assert row["kv_bytes_held"] < full["kv_bytes_held"]
     # Memory is measured from the blocks held: a smaller budget holds less, and the codec multiplies the ratio.

@@ -41,7 +41,7 @@ NEEDLE_TOKENS = 8
 
 @dataclass(frozen=True)
 class LongCtxConfig:
-    policy: str  # an eviction policy name, then options: "value_aware:output" (||W_O v|| weights), ":max" (aggregate)
+    policy: str  # an eviction policy name, then options: "value_aware:l1" (||v||_1 weights), ":sum" (aggregate)
     budget: float  # fraction of blocks kept (1.0 with policy none: the full cache)
     codec: str
 
@@ -297,8 +297,8 @@ def run_eval_longctx(args: argparse.Namespace) -> int:
 def add_eval_longctx_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("longctx")
     group.add_argument("--policies", default="streaming,h2o,snapkv,value_aware",
-                       help="eviction policies, options after ':' (value_aware:output weighs votes by ||W_O v||, "
-                            "h2o:max combines (layer, head) votes by their largest share)")
+                       help="eviction policies, options after ':' (value_aware:l1 weighs votes by ||v||_1 instead "
+                            "of ||W_O v||; h2o:sum adds the (layer, head) votes instead of taking the largest share)")
     group.add_argument("--budgets", default="0.5,0.25,0.125", help="fractions of each request's blocks kept")
     group.add_argument("--compound-codecs", default="tq-k4v4",
                        help="codecs run under value_aware at every budget (compound ratio); empty for none")

@@ -22,7 +22,8 @@ class EvictionConfig(BaseModel):
     recent_blocks: int = Field(4, ge=1, description="last blocks never evicted (the local window)")
     observe_window: int = Field(32, ge=1, description="prompt queries whose attention scores blocks after prefill")
     value_norm: Literal["l1", "output"] = Field(
-        "l1", description="value_aware weighting: ||v||_1 (VATP) or ||W_O v||_2 (effect on the output)")
+        "output", description="value_aware weighting: ||W_O v||_2 (effect on the output, CriticalKV) or ||v||_1 "
+                              "(VATP); measured: README, Long contexts")
     aggregate: Literal["sum", "max"] = Field(
         "max", description="combine (layer, KV head) votes: the largest share any one gives, or the total")
 

@@ -178,7 +178,7 @@ POLICY_NAMES = ("none", "streaming", "h2o", "snapkv", "value_aware")
 
 
 def make_eviction_policy(name: str, budget: EvictionBudget, observe_window: int = 32,
-                         value_norm: str = "l1", aggregate: str = "max") -> EvictionPolicy:
+                         value_norm: str = "output", aggregate: str = "max") -> EvictionPolicy:
     if name == "none":
         return NoEviction(budget)
     if name == "streaming":

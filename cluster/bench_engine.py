@@ -65,8 +65,7 @@ def measure_matmul_roofline(model_config, dtype: torch.dtype, batch: int = 32, s
     # Plain torch, and the engine's packed GEMM where it applies: the roofline is the faster of the two.
     variants = [[lambda x, w=weight: torch.nn.functional.linear(x, w) for weight in weights]]
     if dtype == torch.float32 and mkl_packing_available():
-        variants.append([MklPackedLinear(nn.Linear(n, k, bias=False).requires_grad_(False)) for n, k in
-                         ((shape[1], shape[0]) for shape in shapes)])
+        variants.append([MklPackedLinear(nn.Linear(k, n, bias=False).requires_grad_(False)) for n, k in shapes])
     flops_per_round = sum(2 * batch * n * k for n, k in shapes)
     best = 0.0
     deadline = time.perf_counter() + seconds

@@ -23,7 +23,7 @@ from workers.kv.eviction import EvictionBudget, EvictionCandidate, EvictionPolic
 from workers.kv.presets import make_codec
 from workers.kv.manager import KVCacheManager
 from workers.model.loader import LoadedModel, load_model
-from workers.model.packed_linear import mkl_packing_available, pack_linears
+from workers.model.packed_linear import pack_linears
 from workers.model_runner import ModelOutput, ModelRunner
 from workers.outputs import RequestOutput, TextState
 from workers.sampler import sample
@@ -65,9 +65,8 @@ class Engine:
         dtype = config.resolved_dtype()
         self.loaded = loaded or load_model(config.model, dtype=dtype, device=self.device)
         self.model = self.loaded.model
-        if config.pack_cpu_weights and self.device.type == "cpu" and self.model.dtype == torch.float32 and \
-                mkl_packing_available():
-            pack_linears(self.model)  # in place, once: a model shared by several engines is packed for all
+        if config.pack_cpu_weights:
+            pack_linears(self.model)  # fp32 CPU linears only; in place, once: a shared model is packed for all
         self.tokenizer = self.loaded.tokenizer
         model_config = self.loaded.config
         calibration = KVCalibration.load(config.kv_calibration) if config.kv_calibration else None

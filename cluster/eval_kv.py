@@ -30,9 +30,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from workers.kv.presets import needs_calibration
+
 BASELINE = "float16"
-DEFAULT_PRESETS = ("int8", "tq-k8v4", "tq-k4v4", "tq-k4v3", "tq-k3v3", "tq-k2v2", "gtq-k8v4",
-                   "gtq-4.0", "gtq-k4v3", "gtq-k3v4", "gtq-3.0", "gtq-2.5")
+DEFAULT_PRESETS = ("int8", "tq-k8v4", "tq-k4v4", "tq-k4v3", "tq-k3v3", "tq-k2v2", "tq-k3v4+qjl", "tq-k4.5v4",
+                   "tq-k3.5v4", "gtq-k5v4.5", "gtq-k4.5v4.5", "gtq-4.0", "gtq-k4v3", "gtq-k3v4", "gtq-3.0", "gtq-2.5")
 NEEDLE = "The secret passkey is {key}. Remember it: {key} is the secret passkey."
 QUESTION = "\n\nQuestion: What is the secret passkey mentioned above?\nAnswer: The secret passkey is"
 
@@ -138,7 +140,7 @@ def build_engine(loaded, codec: str, calibration_path: str | None, max_len: int)
     from workers.engine import Engine
 
     # One chunk per prompt (budget = the longest prompt) keeps prefill on the causal fast path.
-    config = EngineConfig(kv_codec=codec, kv_calibration=calibration_path if codec.startswith("gtq") else None,
+    config = EngineConfig(kv_codec=codec, kv_calibration=calibration_path if needs_calibration(codec) else None,
                           max_model_len=max_len, max_num_batched_tokens=max_len, max_num_seqs=16,
                           num_kv_blocks=-(-4 * max_len // 16), enable_prefix_caching=False)
     return Engine(config, loaded=loaded)
@@ -242,7 +244,7 @@ def run_eval_kv(args: argparse.Namespace) -> int:
     regions = split_text(tokenizer.encode(text), num_windows=args.windows, window_tokens=args.window_tokens,
                          num_prompts=args.prompts, prompt_tokens=128, haystack_tokens=max(lengths, default=0))
     calibration_path = args.calibration
-    if any(p.startswith("gtq") for p in presets) and not calibration_path:
+    if any(needs_calibration(p) for p in presets) and not calibration_path:
         out_dir = os.path.dirname(os.path.abspath(args.json_out)) if args.json_out else os.getcwd()
         calibration_path = os.path.join(out_dir, "kv-calibration.pt")
         _progress(f"calibrating on 4 x 512 tokens (pydoc_data.topics tail) -> {calibration_path}")

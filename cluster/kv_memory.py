@@ -29,8 +29,8 @@ SHAPES = (
     ModelShape("Llama-3.1-8B", 32, 8, 128),
     ModelShape("Qwen3-30B-A3B", 48, 4, 128),
 )
-MEMORY_PRESETS = ("float16", "int8", "tq-k8v4", "tq-k4v4", "tq-k4v3", "tq-k3v3", "tq-k2v2",
-                  "gtq-4.0", "gtq-k3v4", "gtq-3.0", "gtq-2.5")
+MEMORY_PRESETS = ("float16", "int8", "tq-k8v4", "tq-k4v4", "tq-k4v3", "tq-k3v3", "tq-k2v2", "tq-k3v4+qjl",
+                  "tq-k4.5v4", "gtq-4.0", "gtq-k3v4", "gtq-3.0", "gtq-2.5")
 
 
 def _upper_bound_calibration(shape: ModelShape):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.block_mass import block_mass_from_lse, block_mass_from_probs, gather_token_weights, mass_buffers
+from kernels.qjl import QJLResidual, qjl_num_bytes, reference_qjl_encode, unpack_signs
 from kernels.triton_support import HAS_TRITON as _HAS_TRITON, tl, triton
 
 if _HAS_TRITON:
@@ -85,9 +86,13 @@ def _group_max(values: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
     return out.scatter_reduce_(2, layout.group.long().expand(T, Hkv, D), values, reduce="amax")
 
 
-def reference_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor,
-                        layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv, NG] float16)."""
+def reference_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor, layout: CodeLayout,
+                        qjl_projection: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv, NG] float16).
+
+    With ``qjl_projection`` [Hkv, D, D] also the QJL residual of what the stored codes decode to
+    (kernels/qjl.py): -> (codes, scales, signs [T, Hkv, NBq] uint8, norms [T, Hkv] float16).
+    """
     T, Hkv, D = x.shape
     y = torch.einsum("hij,thj->thi", transform, x.float() - center)  # [T, Hkv, D]
     group = layout.group.long().expand(T, Hkv, D)
@@ -112,7 +117,11 @@ def reference_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.
     packed = torch.zeros(T, Hkv, layout.num_bytes + 1, dtype=torch.int32, device=x.device)
     packed.scatter_add_(2, byte, shifted & 0xFF)
     packed.scatter_add_(2, byte + 1, shifted >> 8)  # bits never overlap, so add == or
-    return packed[..., : layout.num_bytes].to(torch.uint8), scale.to(torch.float16)
+    codes, scales = packed[..., : layout.num_bytes].to(torch.uint8), scale.to(torch.float16)
+    if qjl_projection is None:
+        return codes, scales
+    # The residual of what the pages will decode to: the fp16-rounded scales included.
+    return (codes, scales, *reference_qjl_encode(y - reference_kv_decode(codes, scales, layout), qjl_projection))
 
 
 def reference_kv_decode(codes: torch.Tensor, scales: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
@@ -147,10 +156,12 @@ def reference_quant_paged_decode_attention(
     *,
     token_weights: torch.Tensor | None = None,  # [N, S, Hkv] float32
     with_block_mass: bool = False,
+    qjl: QJLResidual | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """-> [B, H, D] float32 in the transformed value space. Decodes blocks chunk by chunk (never the whole cache).
 
     With ``with_block_mass`` also returns the per-block attention mass [B, Hkv, M] (kernels/block_mass.py).
+    With ``qjl`` each score also gets the keys' QJL residual term (kernels/qjl.py).
     """
     B, H, D = query.shape
     N, S, Hkv, _ = key_codes.shape
@@ -164,6 +175,7 @@ def reference_quant_paged_decode_attention(
     table = block_tables[:, :num_blocks].long()
     q = (query.float() * scale).view(B, Hkv, G, D)
     invalid = torch.arange(L, device=query.device)[None, :] >= seq_lens[:, None].long()  # [B, L]
+    sketch = None if qjl is None else (qjl.query.float() * scale).view(B, Hkv, G, D)
 
     def decoded(codes, scales, layout, c0, c1) -> torch.Tensor:
         idx = table[:, c0:c1].reshape(-1)
@@ -174,6 +186,12 @@ def reference_quant_paged_decode_attention(
         c1 = min(c0 + chunk_blocks, num_blocks)
         keys = decoded(key_codes, key_scales, key_layout, c0, c1)  # [B, l, Hkv, D]
         scores[..., c0 * S: c1 * S] = torch.einsum("bhgd,blhd->bhgl", q, keys)
+        if qjl is not None:
+            idx = table[:, c0:c1].reshape(-1)
+            z = unpack_signs(qjl.signs[idx], D).view(B, (c1 - c0) * S, Hkv, D)
+            gamma = qjl.norms[idx].float().view(B, (c1 - c0) * S, Hkv)
+            scores[..., c0 * S: c1 * S] += torch.einsum("bhgd,blhd->bhgl", sketch, z) * \
+                gamma.permute(0, 2, 1)[:, :, None, :]
     scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.zeros(B, Hkv, G, D, dtype=torch.float32, device=query.device)
@@ -188,18 +206,20 @@ def reference_quant_paged_decode_attention(
     return out, block_mass_from_probs(probs, weights, S, block_tables.shape[1])
 
 
-def kv_encode(x, transform, center, layout):
+def kv_encode(x, transform, center, layout, qjl_projection=None):
     if x.is_cuda and _HAS_TRITON:
-        return triton_kv_encode(x, transform, center, layout)
-    return reference_kv_encode(x, transform, center, layout)
+        return triton_kv_encode(x, transform, center, layout, qjl_projection)
+    return reference_kv_encode(x, transform, center, layout, qjl_projection)
 
 
 def quant_paged_decode_attention(query, key_codes, key_scales, key_layout, value_codes, value_scales, value_layout,
-                                 block_tables, seq_lens, scale, *, token_weights=None, with_block_mass=False):
+                                 block_tables, seq_lens, scale, *, token_weights=None, with_block_mass=False,
+                                 qjl=None):
     attend = triton_quant_paged_decode_attention if query.is_cuda and _HAS_TRITON \
         else reference_quant_paged_decode_attention
     return attend(query, key_codes, key_scales, key_layout, value_codes, value_scales, value_layout,
-                  block_tables, seq_lens, scale, token_weights=token_weights, with_block_mass=with_block_mass)
+                  block_tables, seq_lens, scale, token_weights=token_weights, with_block_mass=with_block_mass,
+                  qjl=qjl)
 
 
 def _check_layout(layout: CodeLayout, num_kv_heads: int, head_dim: int, code_bytes: int, side: str) -> None:
@@ -240,12 +260,16 @@ if _HAS_TRITON:
         x_ptr, transform_ptr, center_ptr,
         bits_ptr, bitpos_ptr, group_ptr, codebook_ptr, boundaries_ptr,
         codes_ptr, scales_ptr,
+        projection_ptr, signs_ptr, norms_ptr,
         stride_xt, stride_xh,
         stride_ct, stride_ch,
         stride_st, stride_sh,
+        stride_zt, stride_zh,
+        stride_nt, stride_nh,
         stride_codebook, stride_boundaries,
         D: tl.constexpr, NUM_BYTES: tl.constexpr, NUM_GROUPS: tl.constexpr, SCALE_MODE: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_NG: tl.constexpr,
+        WITH_QJL: tl.constexpr, QJL_BYTES: tl.constexpr, BLOCK_NBQ: tl.constexpr,
     ):
         # One program per (token, KV head): the whole D-vector is needed at once (every group's norm or
         # absmax sets that group's scale, and every channel's code lands in a shared byte stream).
@@ -327,6 +351,26 @@ if _HAS_TRITON:
         tl.store(codes_ptr + token * stride_ct + kvh * stride_ch + offs_byte, packed.to(tl.uint8),
                  mask=offs_byte < NUM_BYTES)
 
+        if WITH_QJL:  # kernels/qjl.py: sign bits of P @ (y - y_hat) and |y - y_hat|
+            # y_hat as the pages decode it: each channel's level times its group's scale rounded to fp16.
+            stored_scale = group_scale.to(tl.float16).to(tl.float32)
+            channel_scale = tl.sum(tl.where(member, stored_scale[:, None], 0.0), axis=0)
+            residual = tl.where(d_mask, y - level * channel_scale, 0.0)
+            projection = tl.load(
+                projection_ptr + kvh * D * D + offs_d[:, None] * D + offs_d[None, :],
+                mask=d_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            projected = tl.sum(projection * residual[None, :], axis=1)  # [BLOCK_D]
+            positive = (projected >= 0).to(tl.int32) << (offs_d & 7)
+            offs_qb = tl.arange(0, BLOCK_NBQ)  # BLOCK_NBQ = ceil(D / 8) rounded up to a power of two
+            in_byte = ((offs_d >> 3)[None, :] == offs_qb[:, None]) & d_mask[None, :]
+            sign_bytes = tl.sum(tl.where(in_byte, positive[None, :], 0), axis=1)  # [BLOCK_NBQ], each < 256
+            tl.store(signs_ptr + token * stride_zt + kvh * stride_zh + offs_qb, sign_bytes.to(tl.uint8),
+                     mask=offs_qb < QJL_BYTES)
+            gamma = tl.sqrt_rn(tl.sum(residual * residual, axis=0))
+            tl.store(norms_ptr + token * stride_nt + kvh * stride_nh, gamma.to(tl.float16))
+
     @triton.jit
     def _load_channel_layout(bits_ptr, bitpos_ptr, group_ptr, kvh, offs_d, d_mask, D: tl.constexpr,
                              NUM_BYTES: tl.constexpr, stride_codebook, stride_scale_group):
@@ -368,6 +412,7 @@ if _HAS_TRITON:
         v_codes_ptr, v_scales_ptr, v_bits_ptr, v_bitpos_ptr, v_group_ptr, v_codebook_ptr,
         bt_ptr, sl_ptr, out_ptr,
         w_ptr, block_lse_ptr, lse_ptr,
+        z_ptr, gamma_ptr, sketch_ptr,
         scale,
         stride_qb, stride_qh,
         stride_kcn, stride_kcs, stride_kch,
@@ -379,9 +424,12 @@ if _HAS_TRITON:
         stride_ob, stride_oh,
         stride_wn, stride_ws,
         stride_mb, stride_mh, stride_lb,
+        stride_zn, stride_zs, stride_zh,
+        stride_gn, stride_gs, stride_gh,
+        stride_pb, stride_ph,
         G: tl.constexpr, D: tl.constexpr, K_NUM_BYTES: tl.constexpr, V_NUM_BYTES: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-        WITH_MASS: tl.constexpr, WITH_WEIGHTS: tl.constexpr,
+        WITH_MASS: tl.constexpr, WITH_WEIGHTS: tl.constexpr, WITH_QJL: tl.constexpr,
     ):
         # Same schedule as _paged_decode_kernel: one program per (sequence, KV head) serving its G query
         # heads, so each block's codes are read and decoded once for the whole group.
@@ -401,6 +449,12 @@ if _HAS_TRITON:
             other=0.0,
         ).to(tl.float32)
         q = q * scale  # padded rows/cols are 0, so their scores are finite (0), never NaN
+        if WITH_QJL:  # the queries' sketch c P q (kernels/qjl.py), scaled like q
+            sketch = tl.load(
+                sketch_ptr + seq * stride_pb + heads[:, None] * stride_ph + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ) * scale
 
         # K and V have their own layouts (bits, byte count, number of scale groups).
         k_byte, k_shift, k_code_mask, k_codebook_row, k_has_high, k_scale_col = _load_channel_layout(
@@ -434,6 +488,14 @@ if _HAS_TRITON:
 
             # [G, S] scores via broadcast-multiply-reduce (see _paged_decode_kernel for why not tl.dot).
             s = tl.sum(q[:, None, :] * k_hat[None, :, :], axis=2)
+            if WITH_QJL:  # + gamma_t * sketch . z_t, z_t in {-1, +1} from the token's sign bits
+                sign_byte = tl.load(
+                    z_ptr + block * stride_zn + offs_s[:, None] * stride_zs + kvh * stride_zh + (offs_d >> 3)[None, :],
+                    mask=tok_mask[:, None] & d_mask[None, :], other=0).to(tl.int32)
+                z = tl.where(((sign_byte >> (offs_d & 7)[None, :]) & 1) == 1, 1.0, -1.0)  # [BLOCK_S, BLOCK_D]
+                gamma = tl.load(gamma_ptr + block * stride_gn + offs_s * stride_gs + kvh * stride_gh,
+                                mask=tok_mask, other=0.0).to(tl.float32)  # 0 on masked tokens: no NaN garbage
+                s += tl.sum(sketch[:, None, :] * z[None, :, :], axis=2) * gamma[None, :]
             s = tl.where(tok_mask[None, :], s, float("-inf"))
             if WITH_MASS:  # eviction scores: the block's share of the softmax, finished by block_mass_from_lse
                 store_block_log_mass(s, w_ptr + block * stride_wn + offs_s * stride_ws + kvh, tok_mask,
@@ -456,9 +518,10 @@ if _HAS_TRITON:
             tl.store(lse_ptr + seq * stride_lb + heads, m_i + tl.log(l_i), mask=g_mask)
 
 
-def triton_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor,
-                     layout: CodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``reference_kv_encode``: x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv, NG] float16).
+def triton_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Tensor, layout: CodeLayout,
+                     qjl_projection: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Triton twin of ``reference_kv_encode``: x [T, Hkv, D] -> (codes [T, Hkv, NB] uint8, scales [T, Hkv, NG] float16),
+    plus (signs [T, Hkv, NBq] uint8, norms [T, Hkv] float16) with ``qjl_projection`` [Hkv, D, D].
 
     Needs CUDA, or TRITON_INTERPRET=1 for CPU tensors. transform/center are used in float32.
     """
@@ -477,24 +540,38 @@ def triton_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.Ten
     center = center.float().contiguous()
     bits, bitpos, group, codebook, boundaries = _layout_tensors(layout)
 
+    with_qjl = qjl_projection is not None
+    if with_qjl:
+        assert tuple(qjl_projection.shape) == (Hkv, D, D), (
+            f"qjl_projection must be [Hkv={Hkv}, D={D}, D], got {tuple(qjl_projection.shape)}"
+        )
+        qjl_projection = qjl_projection.float().contiguous()
+
     codes = torch.empty(T, Hkv, layout.num_bytes, dtype=torch.uint8, device=x.device)
     scales = torch.empty(T, Hkv, layout.num_groups, dtype=torch.float16, device=x.device)
+    signs = torch.empty(T, Hkv, qjl_num_bytes(D) if with_qjl else 0, dtype=torch.uint8, device=x.device)
+    norms = torch.empty(T if with_qjl else 0, Hkv, dtype=torch.float16, device=x.device)
+    encoded = (codes, scales, signs, norms) if with_qjl else (codes, scales)
     if T == 0:
-        return codes, scales
+        return encoded
     _kv_encode_kernel[(T, Hkv)](
         x, transform, center,
         bits, bitpos, group, codebook, boundaries,
         codes, scales,
+        qjl_projection if with_qjl else transform, signs, norms,  # unused without QJL: any valid pointer
         x.stride(0), x.stride(1),
         codes.stride(0), codes.stride(1),
         scales.stride(0), scales.stride(1),
+        signs.stride(0), signs.stride(1),
+        norms.stride(0), norms.stride(1),
         codebook.stride(0), boundaries.stride(0),
         D=D, NUM_BYTES=layout.num_bytes, NUM_GROUPS=layout.num_groups,
         SCALE_MODE=_SCALE_MODES.index(layout.scale_mode),
         BLOCK_D=triton.next_power_of_2(D), BLOCK_NB=triton.next_power_of_2(layout.num_bytes),
         BLOCK_NG=triton.next_power_of_2(layout.num_groups),
+        WITH_QJL=with_qjl, QJL_BYTES=qjl_num_bytes(D), BLOCK_NBQ=triton.next_power_of_2(qjl_num_bytes(D)),
     )
-    return codes, scales
+    return encoded
 
 
 def triton_quant_paged_decode_attention(
@@ -511,6 +588,7 @@ def triton_quant_paged_decode_attention(
     *,
     token_weights: torch.Tensor | None = None,  # [N, S, Hkv] float32
     with_block_mass: bool = False,
+    qjl: QJLResidual | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``reference_quant_paged_decode_attention`` -> [B, H, D] float32 (transformed value space).
 
@@ -547,6 +625,14 @@ def triton_quant_paged_decode_attention(
     # Copying the small query/tables is cheap, copying the pool is not: codes must already be byte-contiguous.
     assert key_codes.stride(-1) == 1 and value_codes.stride(-1) == 1, "key/value codes must be contiguous along NB"
     G = H // Hkv
+    if qjl is not None:
+        assert tuple(qjl.signs.shape) == (N, S, Hkv, qjl_num_bytes(D)) and qjl.signs.dtype == torch.uint8, (
+            f"qjl signs must be uint8 [N={N}, S={S}, Hkv={Hkv}, {qjl_num_bytes(D)}], got {tuple(qjl.signs.shape)}"
+        )
+        assert tuple(qjl.norms.shape) == (N, S, Hkv), f"qjl norms must be [N, S, Hkv], got {tuple(qjl.norms.shape)}"
+        assert tuple(qjl.query.shape) == (B, H, D), f"qjl query must be [B, H, D], got {tuple(qjl.query.shape)}"
+        assert qjl.signs.stride(-1) == 1, "qjl signs must be contiguous along their bytes"
+        qjl = QJLResidual(qjl.signs, qjl.norms, qjl.query.float().contiguous())
     query = query.contiguous()
     block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -563,6 +649,7 @@ def triton_quant_paged_decode_attention(
         value_codes, value_scales, v_bits, v_bitpos, v_group, v_codebook,
         block_tables, seq_lens, out,
         weights, block_lse, lse,
+        *((qjl.signs, qjl.norms, qjl.query) if qjl is not None else (key_codes, key_scales, query)),  # unused: any
         float(scale),
         query.stride(0), query.stride(1),
         key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
@@ -574,8 +661,12 @@ def triton_quant_paged_decode_attention(
         out.stride(0), out.stride(1),
         weights.stride(0), weights.stride(1),
         block_lse.stride(0), block_lse.stride(1), lse.stride(0),
+        *((qjl.signs.stride(0), qjl.signs.stride(1), qjl.signs.stride(2)) if qjl is not None else (0, 0, 0)),
+        *((qjl.norms.stride(0), qjl.norms.stride(1), qjl.norms.stride(2)) if qjl is not None else (0, 0, 0)),
+        *((qjl.query.stride(0), qjl.query.stride(1)) if qjl is not None else (0, 0)),
         G=G, D=D, K_NUM_BYTES=key_layout.num_bytes, V_NUM_BYTES=value_layout.num_bytes,
         BLOCK_G=triton.next_power_of_2(G), BLOCK_S=S, BLOCK_D=triton.next_power_of_2(D),
         WITH_MASS=with_block_mass, WITH_WEIGHTS=with_block_mass and token_weights is not None,
+        WITH_QJL=qjl is not None,
     )
     return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out

@@ -7,7 +7,7 @@ import torch
 
 from workers.kv.calibration import KVCalibration, allocate_bits, calibrate
 from workers.kv.codebooks import gaussian_mse, lloyd_max_gaussian
-from workers.kv.presets import make_codec
+from workers.kv.presets import make_codec, outlier_bits
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 3, 2, 64, 8
 GROUP = 3  # query heads per KV head
@@ -65,6 +65,47 @@ def test_turboquant_error_is_within_the_lloyd_max_bound(bits):
         assert torch.allclose(decoded.norm(dim=-1), original.norm(dim=-1), rtol=2e-3)
 
 
+def test_qjl_residual_removes_the_mse_codes_bias_on_aligned_queries():
+    """A key read by its own direction (the query attention cares most about): MSE codes underestimate q.k
+    (Lloyd-Max cells shrink, the norm-corrected vector points elsewhere); + QJL is unbiased, MSE part unchanged."""
+    gen = torch.Generator().manual_seed(3)
+    key = torch.randn(4096, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    value = torch.randn(4096, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    mse_pages, mse_key, _ = round_trip(codec_for("tq-k2v2"), 1, key, value)
+    qjl_pages, qjl_key, _ = round_trip(codec_for("tq-k2v2+qjl"), 1, key, value)
+    assert torch.equal(mse_pages["key_codes"], qjl_pages["key_codes"])
+    exact = key.square().sum(-1)  # q = k
+    for decoded, biased in ((mse_key, True), (qjl_key, False)):
+        relative = (key * decoded).sum(-1) / exact - 1  # [T, Hkv]
+        standard_error = relative.std() / math.sqrt(relative.numel())
+        assert (relative.mean().abs() > 10 * standard_error) == biased, (biased, float(relative.mean()))
+
+
+def test_outlier_channels_get_one_more_bit_where_the_calibrated_rms_is_largest():
+    rms = torch.rand(NUM_KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    bits = outlier_bits(rms, 3.25)
+    for head in range(NUM_KV_HEADS):
+        outliers = set(rms[head].topk(16).indices.tolist())  # round(0.25 * 64)
+        assert {c for c in range(HEAD_DIM) if bits[head, c] == 4} == outliers
+        assert all(bits[head, c] == 3 for c in range(HEAD_DIM) if c not in outliers)
+    assert torch.equal(outlier_bits(rms, 3.0), torch.full((NUM_KV_HEADS, HEAD_DIM), 3, dtype=torch.int32))
+    calibration = synthetic_calibration(4)
+    codec = codec_for("tq-k3.25v2.5", calibration)
+    for key_plan, value_plan in codec.plans:  # each set is its own width group: 2 scales per token and head
+        assert key_plan.layout.num_groups == value_plan.layout.num_groups == 2
+        assert (key_plan.layout.bits == 4).sum(1).tolist() == [16] * NUM_KV_HEADS
+        assert (value_plan.layout.bits == 3).sum(1).tolist() == [32] * NUM_KV_HEADS
+    # On data whose large channels are the calibrated ones, outlier bits beat spending nothing extra.
+    gen = torch.Generator().manual_seed(5)
+    key = calibration.key_center[1] + torch.randn(2048, NUM_KV_HEADS, HEAD_DIM, generator=gen) * calibration.key_sigma[1]
+    value = torch.randn(2048, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    errors = {}
+    for name in ("tq-k3v3", "tq-k3.25v3"):
+        _, decoded_key, _ = round_trip(codec_for(name, calibration), 1, key, value)
+        errors[name] = float((decoded_key - key).square().sum() / key.square().sum())
+    assert errors["tq-k3.25v3"] < 0.9 * errors["tq-k3v3"], errors
+
+
 def test_int8_error_is_within_half_a_step_per_element():
     codec = codec_for("int8")
     gen = torch.Generator().manual_seed(0)
@@ -116,7 +157,8 @@ def test_allocate_bits_spends_the_exact_budget_by_score_and_pairs_rope_channels(
     assert (per_channel[1, order].diff() >= 0).all()
 
 
-@pytest.mark.parametrize("name", ["float16", "bfloat16", "int8", "tq-k4v3", "tq-k2v2", "gtq-3.5", "gtq-k4v2.5"])
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "int8", "tq-k4v3", "tq-k2v2", "tq-k3v4+qjl", "tq-k3.5v2.25",
+                                  "gtq-3.5", "gtq-k4v2.5"])
 def test_byte_accounting_equals_allocated_storage(name):
     codec = codec_for(name, synthetic_calibration(), exclude_layers=(0,) if name.startswith("tq") else ())
     for layer in range(NUM_LAYERS):
@@ -126,7 +168,7 @@ def test_byte_accounting_equals_allocated_storage(name):
         assert codec.bytes_per_token(0) == 2 * NUM_KV_HEADS * HEAD_DIM * 2 > codec.bytes_per_token(1)
 
 
-@pytest.mark.parametrize("name", ["int8", "tq-k4v3", "tq-k3v2", "gtq-3.0"])
+@pytest.mark.parametrize("name", ["int8", "tq-k4v3", "tq-k3v2", "tq-k2v3+qjl", "tq-k3.5v3", "gtq-3.0"])
 def test_fused_decode_attention_equals_attention_over_decoded_kv(name):
     """Queries moved into the keys' space + one inverse map on the output == decode-then-attend (exactly)."""
     codec = codec_for(name, synthetic_calibration(2))
@@ -163,6 +205,10 @@ def test_codec_names_and_clear_errors():
         codec_for("tq-k9v3")
     with pytest.raises(ValueError, match="needs a calibration file"):
         codec_for("gtq-3.0")
+    with pytest.raises(ValueError, match="outlier channels.*needs a calibration"):
+        codec_for("tq-k3.5v3")
+    assert codec_for("tq-k3.5v3", calibration).name == f"tq-k3.5v3@{calibration.digest()}"
+    assert codec_for("tq-k3v4+qjl").name == "tq-k3v4+qjl"  # uncalibrated: the seeded projection is in the name
     with pytest.raises(ValueError, match="layer 7 is outside"):
         codec_for("tq-k4v4", exclude_layers=(7,))
     with pytest.raises(ValueError, match="key bits must be within"):

@@ -1,7 +1,8 @@
 """QuantCodec: int8, TurboQuant and Block-GTQ pages, one SidePlan per side (K, V) per layer.
 
 Layers named in ``exclude_layers`` stay fp16 (the first and last layers are often the most sensitive).
-Pages of a quantized layer hold code bytes and fp16 scales (one per width group) per token and KV head; decode attention
+Pages of a quantized layer hold code bytes and fp16 scales (one per width group) per token and KV head (and, for
+keys with a QJL residual, sign bytes and an fp16 residual norm); decode attention
 reads the codes directly (dequantization fused, see kernels/kv_quant.py), with the query moved into the
 keys' transformed space instead of the keys moved back.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from kernels.kv_quant import kv_encode, quant_paged_decode_attention, reference_kv_decode
+from kernels.qjl import QJLResidual, qjl_decode, qjl_num_bytes, qjl_sketch_query
 from workers.kv.codecs import IdentityCodec, KVCodec, LayerPages
 from workers.kv.quant_plan import SidePlan
 
@@ -38,6 +40,11 @@ class QuantCodec(KVCodec):
                                                   side_plan.layout.num_bytes, dtype=torch.uint8, device=device)
             arrays[f"{side}_scales"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
                                                    side_plan.layout.num_groups, dtype=torch.float16, device=device)
+            if side_plan.qjl_projection is not None:
+                arrays[f"{side}_qjl_signs"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
+                                                          qjl_num_bytes(self.head_dim), dtype=torch.uint8, device=device)
+                arrays[f"{side}_qjl_norms"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
+                                                          dtype=torch.float16, device=device)
         return LayerPages(layer, arrays)
 
     def write(self, pages, slot_mapping, key, value) -> None:
@@ -46,10 +53,12 @@ class QuantCodec(KVCodec):
             self.fp16.write(pages, slot_mapping, key, value)
             return
         for side, tensor, side_plan in (("key", key, plan[0]), ("value", value, plan[1])):
-            codes, scales = kv_encode(tensor, side_plan.transform, side_plan.center, side_plan.layout)
-            code_pages, scale_pages = pages[f"{side}_codes"], pages[f"{side}_scales"]
-            code_pages.view(-1, *code_pages.shape[2:]).index_copy_(0, slot_mapping, codes)
-            scale_pages.view(-1, *scale_pages.shape[2:]).index_copy_(0, slot_mapping, scales)
+            encoded = kv_encode(tensor, side_plan.transform, side_plan.center, side_plan.layout,
+                                side_plan.qjl_projection)
+            names = ("codes", "scales", "qjl_signs", "qjl_norms")[:len(encoded)]
+            for name, array in zip(names, encoded):
+                target = pages[f"{side}_{name}"]
+                target.view(-1, *target.shape[2:]).index_copy_(0, slot_mapping, array)
 
     def gather(self, pages, block_ids):
         plan = self.plans[pages.layer]
@@ -59,6 +68,9 @@ class QuantCodec(KVCodec):
         for side, side_plan in zip(("key", "value"), plan):
             y = reference_kv_decode(pages[f"{side}_codes"][block_ids], pages[f"{side}_scales"][block_ids],
                                     side_plan.layout).flatten(0, 1)  # [n*S, Hkv, D] transformed
+            if side_plan.qjl_projection is not None:  # + the residual's unbiased estimate
+                y = y + qjl_decode(pages[f"{side}_qjl_signs"][block_ids], pages[f"{side}_qjl_norms"][block_ids],
+                                   side_plan.qjl_projection).flatten(0, 1)
             decoded.append(side_plan.center + torch.einsum("hij,thj->thi", side_plan.inverse, y))
         return decoded[0], decoded[1]
 
@@ -73,10 +85,14 @@ class QuantCodec(KVCodec):
         grouped = query.float().view(num_seqs, self.num_kv_heads, num_heads // self.num_kv_heads, head_dim)
         # q.x = q.center + (inverse^T q).y: only the second term differs between keys, so it is all softmax needs.
         moved = torch.einsum("hji,bhgj->bhgi", key_plan.inverse, grouped).reshape(num_seqs, num_heads, head_dim)
+        qjl = None
+        if key_plan.qjl_projection is not None:
+            qjl = QJLResidual(pages["key_qjl_signs"], pages["key_qjl_norms"],
+                              qjl_sketch_query(moved, key_plan.qjl_projection))
         out = quant_paged_decode_attention(moved, pages["key_codes"], pages["key_scales"], key_plan.layout,
                                            pages["value_codes"], pages["value_scales"], value_plan.layout,
                                            block_tables, seq_lens, scale, token_weights=token_weights,
-                                           with_block_mass=with_block_mass)
+                                           with_block_mass=with_block_mass, qjl=qjl)
         mass = None
         if with_block_mass:
             out, mass = out

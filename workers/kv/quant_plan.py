@@ -12,6 +12,8 @@ optional calibrated per-channel center and spread:
 * ``P`` — sorts channels by bit width, so each width is one contiguous group.
 * ``R`` — a random rotation inside each group (randomised Hadamard for power-of-two widths, a seeded
   Haar-random orthogonal matrix otherwise): it spreads outliers so the Gaussian codebook fits.
+* ``qjl_projection`` — optional (keys only): TurboQuant-prod's 1-bit QJL sketch of the codes' residual, D sign
+  bits and one fp16 norm per token and head on top of the codes (kernels/qjl.py).
 * Each width group is its own TurboQuant vector with its own per-token scale. One scale shared by all
   widths was measured to be much worse (+32% perplexity vs +1.3% at 4 bits on SmolLM2): a rotation only
   inside a group does not spread the head's energy evenly over the groups, so a shared scale leaves
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.kv_quant import CodeLayout
+from kernels.qjl import qjl_num_bytes, qjl_projection
 from workers.kv.codebooks import codebook_tables
 
 
@@ -37,11 +40,14 @@ class SidePlan:
     inverse: torch.Tensor  # [Hkv, D, D] x = center + inverse @ y
     center: torch.Tensor  # [Hkv, D]
     layout: CodeLayout
+    qjl_projection: torch.Tensor | None = None  # [Hkv, D, D] Gaussian, for the QJL residual (keys only)
 
     @property
     def bytes_per_token(self) -> int:
-        """Code bytes plus one fp16 scale per group, for all KV heads."""
-        return self.layout.bits.shape[0] * (self.layout.num_bytes + 2 * self.layout.num_groups)
+        """Code bytes plus one fp16 scale per group (and the QJL sign bytes and fp16 norm), for all KV heads."""
+        num_kv_heads, head_dim = self.layout.bits.shape
+        qjl = qjl_num_bytes(head_dim) + 2 if self.qjl_projection is not None else 0
+        return num_kv_heads * (self.layout.num_bytes + 2 * self.layout.num_groups + qjl)
 
 
 def _hadamard(size: int) -> torch.Tensor:
@@ -69,8 +75,11 @@ def random_rotation(size: int, generator: torch.Generator) -> torch.Tensor:
 
 def build_side_plan(bits: torch.Tensor, *, center: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                     rotate: bool = True, codebook: str = "gaussian", scale_mode: str = "norm", seed: int = 0,
-                    device: torch.device = torch.device("cpu")) -> SidePlan:
-    """bits [Hkv, D] int per original channel (1..8) -> the plan. Every head gets its own rotation."""
+                    qjl: bool = False, device: torch.device = torch.device("cpu")) -> SidePlan:
+    """bits [Hkv, D] int per original channel (1..8) -> the plan. Every head gets its own rotation.
+
+    ``qjl`` adds a QJL residual with its own seeded Gaussian projection (seed + 1_000_003: never the rotation's).
+    """
     num_kv_heads, head_dim = bits.shape
     bits = bits.to(torch.int64).cpu()
     center = torch.zeros(num_kv_heads, head_dim) if center is None else center.float().cpu()
@@ -105,4 +114,5 @@ def build_side_plan(bits: torch.Tensor, *, center: torch.Tensor | None = None, s
                         group=groups.to(torch.int32).to(device), num_groups=int(groups.max()) + 1, codebook=levels, boundaries=thresholds, num_bytes=num_bytes, scale_mode=scale_mode)
     return SidePlan(transform=torch.stack(transforms).float().to(device),
                     inverse=torch.stack(inverses).float().to(device),
-                    center=center.to(device), layout=layout)
+                    center=center.to(device), layout=layout,
+                    qjl_projection=qjl_projection(num_kv_heads, head_dim, seed + 1_000_003).to(device) if qjl else None)

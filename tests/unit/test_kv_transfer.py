@@ -84,9 +84,11 @@ def test_unreachable_peer_is_a_clear_error():
         transport.join_group(PeerEndpoint("127.0.0.1", 1), "nobody")
 
 
-def test_encoded_pages_round_trip_as_stored():
-    """A quantized codec's pages (uint8 codes + fp16 scales) travel byte for byte, at the accounted size."""
-    codec = make_codec("tq-k4v3", model_dtype=torch.float32, num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS,
+@pytest.mark.parametrize("name", ["tq-k4v3", "tq-k3v4+qjl"])
+def test_encoded_pages_round_trip_as_stored(name):
+    """A quantized codec's pages (uint8 codes + fp16 scales, + QJL sign bytes and norms) travel byte for byte,
+    at the accounted size."""
+    codec = make_codec(name, model_dtype=torch.float32, num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS,
                        head_dim=HEAD_DIM)
     source = [codec.allocate(layer, NUM_BLOCKS, BLOCK_SIZE, torch.device("cpu")) for layer in range(NUM_LAYERS)]
     target = [codec.allocate(layer, NUM_BLOCKS, BLOCK_SIZE, torch.device("cpu")) for layer in range(NUM_LAYERS)]

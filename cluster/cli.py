@@ -16,8 +16,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     group.add_argument("--kv-codec", default="auto",
-                       help="KV page format: auto, float16, bfloat16, int8, tq-k<b>v<b>, gtq-<bits> (e.g. tq-k4v3)")
-    group.add_argument("--kv-calibration", default=None, help="calibration file for gtq-* (tierserve calibrate)")
+                       help="KV page format: auto, float16, bfloat16, int8, tq-k<b>v<b>[+qjl], gtq-<bits> "
+                            "(e.g. tq-k4v3, tq-k4.5v4)")
+    group.add_argument("--kv-calibration", default=None,
+                       help="calibration file for gtq-* and fractional tq-* (tierserve calibrate)")
     group.add_argument("--kv-exclude-layers", default="", help="comma-separated layers kept in fp16")
     group.add_argument("--kv-eviction", default="none", choices=["none", "streaming", "h2o", "snapkv", "value_aware"],
                        help="long-context KV eviction policy (needs --kv-budget or --kv-budget-blocks)")
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_longctx_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    calibrate = sub.add_parser("calibrate", help="write a KV calibration file for the gtq-* codecs")
+    calibrate = sub.add_parser("calibrate", help="write a KV calibration file for gtq-* and fractional tq-* codecs")
     calibrate.add_argument("--out", required=True, help="calibration file to write")
     calibrate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
     calibrate.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc_data.topics, its tail)")

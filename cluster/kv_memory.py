@@ -1,9 +1,10 @@
 """`tierserve eval memory`: KV bytes for a long context under each codec, from the codecs' own byte accounting.
 
 No formula is duplicated here: each codec is built for the model shape and asked `bytes_per_token(layer)`.
-Block-GTQ's size depends on how many width groups its allocation ends up using per head (each costs one
+Block-GTQ's size depends on how many key width groups its allocation ends up using per head (each costs one
 fp16 scale per token), which depends on the calibration; for shapes without a calibration the table uses a
-synthetic one with every width in use, i.e. the upper bound.
+synthetic one whose scores span eight orders of magnitude, so every width the budget can reach is used (all
+three from 3 bits up; a 2.5-bit budget reaches widths 2 and 4 only).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ kernels implement):
   ``scale_mode`` "rms": the same codes, the stored scale is ``|y_g| / sqrt(w_g)`` (no correction).
   ``scale_mode`` "absmax": the codes quantize ``y_g / scale`` with ``scale = max|y_g| / 127`` (int8).
   A group with no channels in some head keeps scale 0 (its slot exists so all heads share one shape).
+* Optional (keys, ``qjl_projection`` given): a QJL residual of what the codes decode to, ceil(D / 8) sign
+  bytes and one fp16 norm per token and head; attention adds its term to each score (kernels/qjl.py).
 
 Attention never un-transforms keys: q.x = q.center + (transform^-T q).y, and the first term is the same
 for every key of a query, so softmax ignores it. The caller passes the transformed query; the output is

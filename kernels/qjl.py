@@ -13,8 +13,9 @@ For a Gaussian row p, E[sign(p.r) p] = sqrt(2/pi) r / |r|, so ``r_tilde = sqrt(p
 E[r_tilde] = r: q.(y_hat + r_tilde) is an unbiased estimate of q.y for every query (the MSE part alone is
 biased: Lloyd-Max cells shrink toward their centroids). Attention never builds r_tilde: it adds
 ``gamma * (c P q) . z`` (c = sqrt(pi/2) / D) to each score, with the query's sketch ``c P q`` made once per step.
-The price is variance: the estimate's error is ~ gamma |q| sqrt(pi/2 - 1) / sqrt(D) per score, which softmax
-turns into a bias of its own — why the TurboQuant authors (and our measurements) keep MSE-only keys by default.
+The price is variance: Var = gamma^2 / D * (pi/2 |q|^2 - (q.r/|r|)^2) per score, so the error is between
+sqrt(pi/2 - 1) (q along r) and sqrt(pi/2) (q across r, the typical case) times gamma |q| / sqrt(D), and softmax's
+exponential turns it into a bias of its own — why the TurboQuant authors (and our measurements) keep MSE-only keys by default.
 """
 
 from __future__ import annotations

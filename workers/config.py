@@ -45,8 +45,10 @@ class EngineConfig(BaseModel):
         "auto", description="weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
     device: str = Field("auto", description="auto = cuda if available else cpu")
     kv_codec: str = Field("auto", description="KV page format: auto (the model dtype), float16, bfloat16, int8, "
-                                             "tq-k<b>v<b> (TurboQuant), gtq-<bits> (Block-GTQ, needs kv_calibration)")
-    kv_calibration: str | None = Field(None, description="calibration file for gtq-* codecs (tierserve calibrate)")
+                                             "tq-k<b>v<b>[+qjl] (TurboQuant; fractional bits = outlier channels, "
+                                             "need kv_calibration), gtq-<bits> (Block-GTQ, needs kv_calibration)")
+    kv_calibration: str | None = Field(None, description="calibration file for gtq-* and fractional tq-* codecs "
+                                                         "(tierserve calibrate)")
     kv_exclude_layers: tuple[int, ...] = Field((), description="layers kept in fp16 by a quantized codec")
     block_size: int = Field(16, ge=1, le=256)
     num_kv_blocks: int | None = Field(None, ge=1, description="pool size; None = derived from kv_cache_memory_mb")

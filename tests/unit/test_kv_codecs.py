@@ -198,7 +198,7 @@ def test_codec_names_and_clear_errors():
     assert codec_for("tq-k4v3").name == "tq-k4v3"
     assert codec_for("tq-k4v3", exclude_layers=(2, 0)).name == "tq-k4v3+fp16:0,2"
     gtq = codec_for("gtq-3.0", calibration)
-    assert gtq.name == f"gtq-3.0@{calibration.digest()}"
+    assert gtq.name == f"gtq-3.0@{calibration.digest()}.v2"  # .v2: the page format version
     # A different calibration is a different byte format, so a different name (tiers compare names).
     assert codec_for("gtq-3.0", synthetic_calibration(seed=1)).name != gtq.name
     with pytest.raises(ValueError, match="unknown kv codec 'tq-k9v3'"):

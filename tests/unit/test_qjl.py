@@ -68,8 +68,9 @@ def test_reference_encode_stores_the_signs_and_norm_of_the_codes_own_residual():
     assert (norms[0] == 0).all()  # token 0 is the center: y = 0 is coded exactly, nothing left over
 
 
-def paged_qjl_inputs(seq_lens, G, Hkv, D, S, *, seed):
-    """Paged keys encoded with a QJL residual (and values without), shuffled blocks, garbage in unused slots."""
+def paged_qjl_inputs(seq_lens, G, Hkv, D, S, *, seed, key_garbage=30.0):
+    """Paged keys encoded with a QJL residual (and values without), shuffled blocks, garbage in unused slots
+    (`key_garbage` in the unused key scales and QJL norms)."""
     gen = torch.Generator().manual_seed(seed)
     key_plan = build_side_plan(torch.full((Hkv, D), 2), seed=seed, qjl=True)
     value_plan = make_plan("uniform4", Hkv, D, seed=seed + 1)
@@ -77,9 +78,9 @@ def paged_qjl_inputs(seq_lens, G, Hkv, D, S, *, seed):
     N, M = sum(blocks_needed) + 2, max(blocks_needed) + 1
     arrays = {
         "key_codes": torch.randint(0, 256, (N, S, Hkv, key_plan.layout.num_bytes), generator=gen, dtype=torch.uint8),
-        "key_scales": torch.full((N, S, Hkv, 1), 30.0, dtype=torch.float16),
+        "key_scales": torch.full((N, S, Hkv, 1), key_garbage, dtype=torch.float16),
         "signs": torch.randint(0, 256, (N, S, Hkv, qjl_num_bytes(D)), generator=gen, dtype=torch.uint8),
-        "norms": torch.full((N, S, Hkv), 30.0, dtype=torch.float16),
+        "norms": torch.full((N, S, Hkv), key_garbage, dtype=torch.float16),
         "value_codes": torch.randint(0, 256, (N, S, Hkv, value_plan.layout.num_bytes), generator=gen,
                                      dtype=torch.uint8),
         "value_scales": torch.full((N, S, Hkv, 1), 30.0, dtype=torch.float16),
@@ -160,3 +161,15 @@ def test_triton_attention_with_qjl_matches_reference(seq_lens, G, Hkv, D, S):
     _, mass = kq.triton_quant_paged_decode_attention(*args, scale, qjl=qjl, with_block_mass=True)
     _, expected_mass = kq.reference_quant_paged_decode_attention(*args, scale, qjl=qjl, with_block_mass=True)
     torch.testing.assert_close(mass, expected_mass, rtol=0, atol=1e-4)
+
+
+@pytestmark_triton
+def test_triton_attention_with_qjl_ignores_nan_garbage_in_unused_slots():
+    """Unused slots' key scales and residual norms may hold anything: the kernel masks them before the math."""
+    finite_args, finite_qjl, _ = paged_qjl_inputs([5, 2], 2, 2, 32, 4, seed=8)
+    args, qjl, _ = paged_qjl_inputs([5, 2], 2, 2, 32, 4, seed=8, key_garbage=float("nan"))
+    assert torch.isnan(qjl.norms).any() and torch.isnan(args[2]).any()
+    out = kq.triton_quant_paged_decode_attention(*args, 32 ** -0.5, qjl=qjl)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, kq.reference_quant_paged_decode_attention(*finite_args, 32 ** -0.5,
+                                                                              qjl=finite_qjl), rtol=0, atol=1e-4)

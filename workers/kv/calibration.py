@@ -1,4 +1,5 @@
-"""KV calibration (Block-GTQ): per-channel statistics from one pass over real text, and bit allocation.
+"""KV calibration (Block-GTQ keys, TurboQuant outlier channels): per-channel statistics from one pass over real
+text, and bit allocation.
 
 One forward pass records, per layer and KV head, each channel's mean and spread of the post-RoPE keys and of
 the values, and how much an error in that channel costs:
@@ -6,7 +7,9 @@ the values, and how much an error in that channel costs:
 * keys — a key error e moves the logit by q.e, so channel i weighs E[q_i^2] (summed over the query heads that
   share the KV head) times sigma_i^2 (the codec quantizes the normalised channel);
 * values — a value error reaches the residual stream through W_O, so channel i weighs sigma_i^2 times the
-  squared norm of its W_O columns (summed over the group's query heads).
+  squared norm of its W_O columns (summed over the group's query heads). Recorded for study: no codec allocates
+  value bits by it now (it measured worse than TurboQuant's uniform values, see workers/kv/presets.py); the value
+  center and sigma give the RMS that picks TurboQuant's outlier channels.
 
 `allocate_bits` then spends an average budget greedily where it lowers sum_i score_i * mse(b_i) the most
 (mse = the Lloyd-Max error of a b-bit Gaussian quantizer). Keys are allocated per RoPE frequency pair

@@ -14,7 +14,8 @@
   (the keys' outlier channels). Values are TurboQuant as in ``tq-*`` (outlier channels when fractional).
   Needs a calibration file.
 
-A calibrated codec's name carries the calibration digest (``gtq-k3v3@1a2b3c4d``) and any uncompressed
+A calibrated codec's name carries the calibration digest (``gtq-k3v3@1a2b3c4d.v2``, ``.v2`` the Block-GTQ page format
+version) and any uncompressed
 layers (``+fp16:0,29``): the tiers compare names at handshake, and the same preset with a different
 calibration is a different byte format.
 """
@@ -35,7 +36,9 @@ _GTQ = re.compile(r"^gtq-(?:(\d+(?:\.\d+)?)|k(\d+(?:\.\d+)?)v(\d+(?:\.\d+)?))$")
 
 # Widths Block-GTQ may use. Each width present in a head is a scale group (2 bytes per token), so the set is
 # kept small: 3 widths cost at most 6 bytes per token and head on top of the codes. Measured on SmolLM2
-# (4 x 1024 tokens, 4 bits): {2,4,8} +2.3% at 3.53x, {1,2,4,8} +2.6% at 3.50x, all of 1..8 +2.2% at 3.16x.
+# (4 x 1024 tokens, 4 bits, values then also Block-GTQ): {2,4,8} +2.3% at 3.53x, {1,2,4,8} +2.6% at 3.50x, all of
+# 1..8 +2.2% at 3.16x. Re-measured with TurboQuant values: {2,3,4,5,6,8}, {2,3,4,6,8} and {1,2,3,4,6,8} lie on
+# the same ratio/perplexity curve as {2,4,8} (more widths help 3-bit keys but pay for it in scale bytes).
 GTQ_WIDTHS = (2, 4, 8)
 
 PRESETS = ("float16", "bfloat16", "int8", "tq-k8v4", "tq-k4v4", "tq-k4v3", "tq-k3v3", "tq-k2v2", "tq-k3v4+qjl",
@@ -141,7 +144,9 @@ def make_codec(name: str, *, model_dtype: torch.dtype, num_layers: int, num_kv_h
             value_plan = build_side_plan(_turboquant_bits(value_bits, calibration, "value", layer, shape),
                                          seed=2 * layer + 1, device=device)
             side_plans.append((key_plan, value_plan))
-        name = f"{name}@{calibration.digest()}"
+        # ".v2": values became TurboQuant pages (before: calibrated Block-GTQ values) under the same preset
+        # names; the tag keeps a tier of either version from accepting the other's pages at handshake.
+        name = f"{name}@{calibration.digest()}.v2"
     else:
         raise AssertionError(f"codec name {name!r} passed check_codec_name but has no builder")
     plans = [None if layer in exclude_layers else side_plans[layer] for layer in range(num_layers)]

@@ -1,6 +1,7 @@
 """SidePlan: the fixed per-head map and code layout that encode one side (K or V) of one layer.
 
-Built from a bit width per *original* channel (uniform for TurboQuant, allocated for Block-GTQ) and an
+Built from a bit width per *original* channel (uniform for TurboQuant, +1 on outlier channels for fractional
+TurboQuant, allocated for Block-GTQ keys) and an
 optional calibrated per-channel center and spread:
 
     y = R @ P @ diag(1 / sigma) @ (x - center)

@@ -6,9 +6,11 @@ One query token per sequence attends to its ``seq_lens[b]`` cached tokens, which
 fixed-size blocks of a shared pool: token ``t`` of sequence ``b`` is at
 ``cache[block_tables[b, t // S], t % S]``.
 
-* ``reference_paged_decode_attention`` - plain torch; also the production path on CPU.
+* ``reference_paged_decode_attention`` - plain torch: the spec; on the CPU the path for block mass, or without C.
 * ``triton_paged_decode_attention``   - Triton kernel (GPU, or CPU under TRITON_INTERPRET=1).
-* ``paged_decode_attention``          - validates shapes and picks one of the two.
+* ``native_paged_decode_attention``   - C kernel reading pages in place (fp32 CPU; kernels/cpu_native.py).
+* ``paged_decode_attention``          - validates shapes and picks: Triton on CUDA; on the CPU the C kernel, else
+  SDPA over gathered pages (small batches) or the reference.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.block_mass import block_mass_from_lse, block_mass_from_probs, gather_token_weights, mass_buffers
+from kernels.cpu_native import native_paged_decode_attention
 from kernels.triton_support import HAS_TRITON as _HAS_TRITON, tl, triton
 
 if _HAS_TRITON:
@@ -338,6 +341,10 @@ def paged_decode_attention(
     if query.is_cuda and _HAS_TRITON:
         return triton_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
                                              token_weights=token_weights, with_block_mass=with_block_mass)
+    if not with_block_mass and query.device.type == "cpu":
+        out = native_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
+        if out is not None:
+            return out
     # SDPA never exposes its probabilities, so a call that wants the block mass takes the reference.
     if not with_block_mass and query.shape[0] * block_tables.shape[1] * key_cache.shape[1] <= SDPA_MAX_GATHERED_TOKENS:
         return sdpa_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)

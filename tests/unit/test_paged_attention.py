@@ -10,7 +10,9 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from kernels import cpu_native  # noqa: E402
 from kernels import paged_attention as pa  # noqa: E402
+from kernels.cpu_native import native_kernels, native_paged_decode_attention  # noqa: E402
 
 GARBAGE = 1e30  # huge but finite; NaN/inf garbage is tested separately
 
@@ -181,6 +183,8 @@ def test_dispatcher_uses_torch_paths_on_cpu(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("Triton path taken for CPU tensors")
 
+    monkeypatch.setattr(pa, "native_paged_decode_attention", lambda *args: None)  # as without a C compiler
+
     taken = []
     for name in ("sdpa_paged_decode_attention", "reference_paged_decode_attention"):
         original = getattr(pa, name)
@@ -193,6 +197,52 @@ def test_dispatcher_uses_torch_paths_on_cpu(monkeypatch):
     torch.testing.assert_close(pa.paged_decode_attention(*large, 0.125),
                                naive_attention(*large, 0.125).float(), atol=1e-5, rtol=1e-5)
     assert taken == ["sdpa_paged_decode_attention", "reference_paged_decode_attention"]
+
+
+native_required = pytest.mark.skipif(native_kernels() is None, reason="no C compiler: native kernels are off")
+
+
+@native_required
+@pytest.mark.parametrize("seq_lens,H,Hkv,D,S", REFERENCE_CASES)
+def test_native_matches_naive(seq_lens, H, Hkv, D, S):
+    inputs = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=sum(seq_lens) * 13 + H + D)
+    out = native_paged_decode_attention(*inputs, D**-0.5)
+    assert out.dtype == torch.float32 and out.shape == inputs[0].shape
+    torch.testing.assert_close(out.double(), naive_attention(*inputs, D**-0.5), atol=1e-5, rtol=1e-5)
+
+
+@native_required
+def test_native_reads_only_the_sequences_own_tokens_and_is_batch_invariant():
+    """NaN/inf in every slot a sequence does not own is never read; a sequence's output is bit-identical alone and
+    inside a batch (each (sequence, KV head) is computed alone); long batches take the threaded path."""
+    seq_lens, H, Hkv, D, S = [13, 700, 1, 64, 2000], 9, 3, 64, 16
+    for garbage in (float("nan"), float("inf")):
+        query, key_cache, value_cache, block_tables, lens = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=5,
+                                                                              garbage=garbage)
+        batch = native_paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.125)
+        assert torch.isfinite(batch).all()
+        for b in range(len(seq_lens)):
+            alone = native_paged_decode_attention(query[b:b + 1], key_cache, value_cache, block_tables[b:b + 1],
+                                                  lens[b:b + 1], 0.125)
+            assert torch.equal(alone[0], batch[b])
+        torch.testing.assert_close(batch.double(), naive_attention(
+            query, *make_paged_inputs(seq_lens, H, Hkv, D, S, seed=5, garbage=0.0)[1:], 0.125), atol=1e-5, rtol=1e-5)
+
+
+@native_required
+def test_dispatcher_takes_the_native_kernel_for_fp32_cpu_and_torch_otherwise():
+    inputs = make_paged_inputs([10, 33], 9, 3, 64, 16, seed=1)
+    assert torch.equal(pa.paged_decode_attention(*inputs, 0.125), native_paged_decode_attention(*inputs, 0.125))
+    bf16 = make_paged_inputs([10, 33], 9, 3, 64, 16, seed=1, dtype=torch.bfloat16)
+    assert native_paged_decode_attention(*bf16, 0.125) is None  # fp32 only: bf16 takes the torch paths
+    assert pa.paged_decode_attention(*bf16, 0.125).dtype == torch.bfloat16
+
+
+def test_native_build_failure_leaves_the_torch_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("TIERSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    assert cpu_native._build() is None
+    assert not list(tmp_path.glob("*.so"))
 
 
 def test_dispatcher_rejects_bad_shapes():

@@ -1,0 +1,109 @@
+# B=decode sequences, H=query heads, Hkv=KV heads, D=head dim, N=blocks, S=block size, M=max blocks per sequence
+"""Native CPU kernels: C sources in this folder, compiled on first use with the system C compiler, called by ctypes.
+
+No torch headers and no build step at install: one `cc -O3 -march=native` of a small C file (well under a second),
+cached per source and flags under ``$TIERSERVE_CACHE_DIR`` (default ``~/.cache/tierserve``) and shared by every
+process of the machine (a file lock keeps concurrent first uses from racing; the library is renamed into place).
+``-march=native`` is safe because the library is built on the machine that runs it. Without a compiler, or if the
+build fails, ``native_kernels()`` is None and callers keep their torch path (the torch reference each kernel is
+tested against).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCES = ("cpu_paged_attention.c",)
+# -fopenmp: the library needs libgomp.so.1, and in a torch process that soname is already torch's own copy, so
+# the kernels' parallel regions run on torch's intra-op threads (a second pool would fight them for the cores).
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+
+
+def _cache_dir() -> str:
+    return os.environ.get("TIERSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tierserve")
+
+
+def _build() -> str | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: native CPU kernels are off (torch paths are used)")
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = [os.path.join(here, name) for name in _SOURCES]
+    digest = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    digest.update(" ".join((compiler, *_FLAGS)).encode())
+    directory = _cache_dir()
+    os.makedirs(directory, exist_ok=True)
+    library = os.path.join(directory, f"tierserve_cpu_{digest.hexdigest()[:16]}.so")
+    with open(os.path.join(directory, ".build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(library):
+            with tempfile.TemporaryDirectory(dir=directory) as scratch:
+                partial = os.path.join(scratch, "lib.so")
+                result = subprocess.run([compiler, *_FLAGS, "-o", partial, *sources, "-lm"],
+                                        capture_output=True, text=True)
+                if result.returncode != 0:
+                    log.warning("building native CPU kernels failed (torch paths are used):\n%s", result.stderr)
+                    return None
+                os.replace(partial, library)
+    return library
+
+
+@functools.cache
+def native_kernels() -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot be built (set TIERSERVE_NATIVE=0 to turn it off)."""
+    if os.environ.get("TIERSERVE_NATIVE", "1") == "0":
+        return None
+    try:
+        path = _build()
+        if path is None:
+            return None
+        library = ctypes.CDLL(path)
+    except OSError as exc:
+        log.warning("loading native CPU kernels failed (torch paths are used): %s", exc)
+        return None
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.paged_decode_f32.argtypes = [pointer] * 6 + [i64] * 6 + [ctypes.c_float, i64]
+    library.paged_decode_f32.restype = ctypes.c_int
+    return library
+
+
+def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+                                  ) -> torch.Tensor | None:
+    """[B, H, D] float32 over pages read in place, or None when it does not apply (not fp32 CPU, not contiguous
+    pages, no library, or the kernel could not allocate): the caller then takes its torch path.
+
+    The caller has checked shapes and dtypes agree (kernels/paged_attention.py); seq_lens must be >= 1 and index
+    only the sequence's own blocks, as everywhere in the engine.
+    """
+    library = native_kernels()
+    if library is None or query.device.type != "cpu" or query.dtype != torch.float32:
+        return None
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        return None
+    B, H, D = query.shape
+    _, S, Hkv, _ = key_cache.shape
+    query = query.contiguous()
+    block_tables = block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    out = torch.empty(B, H, D, dtype=torch.float32)
+    status = library.paged_decode_f32(
+        query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+        out.data_ptr(), B, H, Hkv, D, S, block_tables.shape[1], scale, torch.get_num_threads())
+    return out if status == 0 else None

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +36,16 @@ def _cache_dir() -> str:
     return os.environ.get("TIERSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tierserve")
 
 
+def _cpu_identity() -> bytes:
+    """This CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        with open("/proc/cpuinfo", "rb") as handle:
+            lines = [line for line in handle.read().splitlines() if line.startswith((b"model name", b"flags"))]
+        return b"\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor().encode() + platform.machine().encode()
+
+
 def _build() -> str | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -47,6 +58,7 @@ def _build() -> str | None:
         with open(path, "rb") as handle:
             digest.update(handle.read())
     digest.update(" ".join((compiler, *_FLAGS)).encode())
+    digest.update(_cpu_identity())  # -march=native: a cache shared by other CPUs (NFS home) must not be reused
     directory = _cache_dir()
     os.makedirs(directory, exist_ok=True)
     library = os.path.join(directory, f"tierserve_cpu_{digest.hexdigest()[:16]}.so")

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("cpu_paged_attention.c",)
+_STATUS_BAD_BLOCK = 2  # STATUS_BAD_BLOCK in the C source
 # -fopenmp: the library needs libgomp.so.1, and in a torch process that soname is already torch's own copy, so
 # the kernels' parallel regions run on torch's intra-op threads (a second pool would fight them for the cores).
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
@@ -47,8 +49,8 @@ def _cpu_identity() -> bytes:
 
 
 def _build() -> str | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ["CC"]) if os.environ.get("CC") else [shutil.which("cc") or shutil.which("gcc")]
+    if not compiler or compiler[0] is None:
         log.warning("no C compiler found: native CPU kernels are off (torch paths are used)")
         return None
     here = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +59,7 @@ def _build() -> str | None:
     for path in sources:
         with open(path, "rb") as handle:
             digest.update(handle.read())
-    digest.update(" ".join((compiler, *_FLAGS)).encode())
+    digest.update(" ".join((*compiler, *_FLAGS)).encode())
     digest.update(_cpu_identity())  # -march=native: a cache shared by other CPUs (NFS home) must not be reused
     directory = _cache_dir()
     os.makedirs(directory, exist_ok=True)
@@ -67,8 +69,12 @@ def _build() -> str | None:
         if not os.path.exists(library):
             with tempfile.TemporaryDirectory(dir=directory) as scratch:
                 partial = os.path.join(scratch, "lib.so")
-                result = subprocess.run([compiler, *_FLAGS, "-o", partial, *sources, "-lm"],
-                                        capture_output=True, text=True)
+                try:
+                    result = subprocess.run([*compiler, *_FLAGS, "-o", partial, *sources, "-lm"],
+                                            capture_output=True, text=True, timeout=120)
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    log.warning("building native CPU kernels failed (torch paths are used): %s", exc)
+                    return None
                 if result.returncode != 0:
                     log.warning("building native CPU kernels failed (torch paths are used):\n%s", result.stderr)
                     return None
@@ -90,7 +96,7 @@ def native_kernels() -> ctypes.CDLL | None:
         log.warning("loading native CPU kernels failed (torch paths are used): %s", exc)
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.paged_decode_f32.argtypes = [pointer] * 6 + [i64] * 6 + [ctypes.c_float, i64]
+    library.paged_decode_f32.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, i64]
     library.paged_decode_f32.restype = ctypes.c_int
     return library
 
@@ -105,17 +111,27 @@ def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, 
     only the sequence's own blocks, as everywhere in the engine.
     """
     library = native_kernels()
-    if library is None or query.device.type != "cpu" or query.dtype != torch.float32:
+    tensors = (query, key_cache, value_cache)
+    if library is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return None
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         return None
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        return None
     B, H, D = query.shape
-    _, S, Hkv, _ = key_cache.shape
+    N, S, Hkv, _ = key_cache.shape
+    M = block_tables.shape[1]
+    # C trusts the tables: what the torch paths would refuse, refuse here (never read past a table or the pool).
+    if B and int(seq_lens.max()) > M * S:
+        needed = -(-int(seq_lens.max()) // S)
+        raise AssertionError(f"max(seq_lens) needs {needed} blocks but block_tables has only {M} columns")
     query = query.contiguous()
     block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
     status = library.paged_decode_f32(
         query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-        out.data_ptr(), B, H, Hkv, D, S, block_tables.shape[1], scale, torch.get_num_threads())
+        out.data_ptr(), N, B, H, Hkv, D, S, M, scale, torch.get_num_threads())
+    if status & _STATUS_BAD_BLOCK:
+        raise IndexError(f"block_tables: a sequence's block id is outside the pool's 0..{N - 1}")
     return out if status == 0 else None

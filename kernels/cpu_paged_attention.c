@@ -16,11 +16,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define STATUS_NO_MEMORY 1
+#define STATUS_BAD_BLOCK 2
+
 typedef struct {
     const float *q, *k, *v;
     const int32_t *block_tables, *seq_lens;
     float *out;
-    int64_t B, H, Hkv, D, S, M;
+    int64_t N, B, H, Hkv, D, S, M;
     float scale;
     int64_t heads_per_item; /* KV heads per work item: all of them (whole rows) or one (more items to share) */
     int64_t first, last;    /* this worker's items: item i = sequence i / items_per_seq, heads from there */
@@ -31,7 +34,8 @@ typedef struct {
  * Cephes' degree-6 polynomial (about 1 ulp; libm's expf would not vectorize without -ffast-math). Below -87 the
  * result is clamped to ~2^-125: a probability that small adds nothing next to the max's 1. */
 static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
+    const int underflow = !(x >= -87.0f); /* also NaN: the float-to-int below would be undefined */
+    x = underflow ? -87.0f : x;
     const float n = floorf(x * 1.44269504088896341f + 0.5f);
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -42,7 +46,7 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
+    return underflow ? 0.0f : p * scale.f; /* 0, not a subnormal that would slow every later multiply */
 }
 
 static void run(Job *job) {
@@ -52,16 +56,20 @@ static void run(Job *job) {
     float *scores = NULL; /* [QH, len] */
     float *query = malloc(sizeof(float) * QH * D);
     float *acc = malloc(sizeof(float) * QH * D);
-    job->status = (query && acc) ? 0 : -1;
+    job->status = (query && acc) ? 0 : STATUS_NO_MEMORY;
     for (int64_t item = job->first; item < job->last && job->status == 0; item++) {
         const int64_t b = item / items_per_seq, h0 = (item % items_per_seq) * hp; /* first KV head */
         const int64_t len = job->seq_lens[b];
         const int32_t *table = job->block_tables + b * job->M;
+        for (int64_t j = 0; j < (len + S - 1) / S; j++) { /* the caller checked len <= M * S */
+            if (table[j] < 0 || table[j] >= job->N) { job->status = STATUS_BAD_BLOCK; break; }
+        }
+        if (job->status) break;
         if (len * QH > capacity) {
             free(scores);
             capacity = len * QH;
             scores = malloc(sizeof(float) * capacity);
-            if (!scores) { job->status = -1; break; }
+            if (!scores) { job->status = STATUS_NO_MEMORY; break; }
         }
         const float *q = job->q + (b * job->H + h0 * G) * D; /* the item's query heads are adjacent */
         for (int64_t i = 0; i < QH * D; i++) query[i] = q[i] * job->scale;
@@ -105,10 +113,11 @@ static void run(Job *job) {
     free(acc);
 }
 
-/* Returns 0 on success, -1 if memory could not be had (the caller falls back to torch). */
+/* Returns 0 on success, else STATUS_* bits: no memory (the caller falls back to torch), a block id outside the
+ * pool (the caller raises). */
 int paged_decode_f32(const float *q, const float *k, const float *v, const int32_t *block_tables,
-                     const int32_t *seq_lens, float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S,
-                     int64_t M, float scale, int64_t num_threads) {
+                     const int32_t *seq_lens, float *out, int64_t N, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                     int64_t S, int64_t M, float scale, int64_t num_threads) {
     int64_t work = 0; /* multiply-adds of the score pass; the value pass does as many */
     for (int64_t b = 0; b < B; b++) work += seq_lens[b];
     work *= H * D;
@@ -123,7 +132,7 @@ int paged_decode_f32(const float *q, const float *k, const float *v, const int32
      * soname), so the kernel's threads are torch's intra-op threads, never extra ones competing with them. */
 #pragma omp parallel for num_threads(num_threads) schedule(static, 1) reduction(| : status)
     for (int64_t worker = 0; worker < num_threads; worker++) {
-        Job job = {q, k, v, block_tables, seq_lens, out, B, H, Hkv, D, S, M, scale, heads_per_item,
+        Job job = {q, k, v, block_tables, seq_lens, out, N, B, H, Hkv, D, S, M, scale, heads_per_item,
                    items * worker / num_threads, items * (worker + 1) / num_threads, 0};
         run(&job);
         status |= job.status;

@@ -15,7 +15,8 @@ biased: Lloyd-Max cells shrink toward their centroids). Attention never builds r
 ``gamma * (c P q) . z`` (c = sqrt(pi/2) / D) to each score, with the query's sketch ``c P q`` made once per step.
 The price is variance: Var = gamma^2 / D * (pi/2 |q|^2 - (q.r/|r|)^2) per score, so the error is between
 sqrt(pi/2 - 1) (q along r) and sqrt(pi/2) (q across r, the typical case) times gamma |q| / sqrt(D), and softmax's
-exponential turns it into a bias of its own — why the TurboQuant authors (and our measurements) keep MSE-only keys by default.
+exponential turns it into a bias of its own — why the TurboQuant authors (and our measurements) keep MSE-only
+keys by default.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -211,22 +212,48 @@ def test_native_matches_naive(seq_lens, H, Hkv, D, S):
     torch.testing.assert_close(out.double(), naive_attention(*inputs, D**-0.5), atol=1e-5, rtol=1e-5)
 
 
+def test_native_kernels_build_wherever_there_is_a_c_compiler():
+    """The native tests skip without a compiler; with one, a build that fails must fail here, not skip quietly."""
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native_kernels() is not None
+
+
 @native_required
 def test_native_reads_only_the_sequences_own_tokens_and_is_batch_invariant():
     """NaN/inf in every slot a sequence does not own is never read; a sequence's output is bit-identical alone and
-    inside a batch (each (sequence, KV head) is computed alone); long batches take the threaded path."""
-    seq_lens, H, Hkv, D, S = [13, 700, 1, 64, 2000], 9, 3, 64, 16
-    for garbage in (float("nan"), float("inf")):
-        query, key_cache, value_cache, block_tables, lens = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=5,
-                                                                              garbage=garbage)
-        batch = native_paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.125)
-        assert torch.isfinite(batch).all()
-        for b in range(len(seq_lens)):
-            alone = native_paged_decode_attention(query[b:b + 1], key_cache, value_cache, block_tables[b:b + 1],
-                                                  lens[b:b + 1], 0.125)
-            assert torch.equal(alone[0], batch[b])
-        torch.testing.assert_close(batch.double(), naive_attention(
-            query, *make_paged_inputs(seq_lens, H, Hkv, D, S, seed=5, garbage=0.0)[1:], 0.125), atol=1e-5, rtol=1e-5)
+    inside a batch, whether the work is split by whole page rows (the batch, 2 threads) or by KV head (alone)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # pinned: the batch takes the threaded whole-row split on any machine
+    try:
+        seq_lens, H, Hkv, D, S = [13, 700, 1, 64, 2000], 9, 3, 64, 16
+        for garbage in (float("nan"), float("inf")):
+            query, key_cache, value_cache, block_tables, lens = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=5,
+                                                                                  garbage=garbage)
+            batch = native_paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.125)
+            assert torch.isfinite(batch).all()
+            for b in range(len(seq_lens)):
+                alone = native_paged_decode_attention(query[b:b + 1], key_cache, value_cache, block_tables[b:b + 1],
+                                                      lens[b:b + 1], 0.125)
+                assert torch.equal(alone[0], batch[b])
+            clean = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=5, garbage=0.0)
+            torch.testing.assert_close(batch.double(), naive_attention(query, *clean[1:], 0.125), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@native_required
+def test_native_refuses_tables_that_point_outside_the_pool():
+    """C trusts nothing it is not told: a length past the table or a block id past the pool raises, as in torch."""
+    query, key_cache, value_cache, block_tables, seq_lens = make_paged_inputs([20, 5], 9, 3, 64, 16, seed=4)
+    too_long = seq_lens.clone()
+    too_long[1] = block_tables.shape[1] * 16 + 1
+    with pytest.raises(AssertionError, match="block_tables has only"):
+        native_paged_decode_attention(query, key_cache, value_cache, block_tables, too_long, 0.125)
+    for bad_id in (key_cache.shape[0], -1, 10**9):
+        bad = block_tables.clone()
+        bad[0, 1] = bad_id
+        with pytest.raises(IndexError, match="outside the pool"):
+            native_paged_decode_attention(query, key_cache, value_cache, bad, seq_lens, 0.125)
 
 
 @native_required

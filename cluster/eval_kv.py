@@ -11,8 +11,8 @@ For the fp16 baseline and every preset, on the same model and text:
 * needle retrieval: a passkey hidden at several depths of a 2K/4K/8K haystack of real text.
 
 Text comes from one token stream (pydoc_data.topics by default, or --text FILE) cut into disjoint
-regions: perplexity windows, greedy prompts, haystack. Calibration (Block-GTQ keys, TurboQuant outlier channels) always uses a separate
-region of pydoc_data.topics, so calibrating never sees the evaluated text.
+regions: perplexity windows, greedy prompts, haystack. Calibration (Block-GTQ keys, TurboQuant outlier channels)
+always uses a separate region of pydoc_data.topics, so calibrating never sees the evaluated text.
 Progress on stderr, a table on stdout, JSON with --json, a PNG of ratio vs perplexity increase.
 """
 

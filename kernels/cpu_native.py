@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("cpu_paged_attention.c",)
-_STATUS_BAD_BLOCK = 2  # STATUS_BAD_BLOCK in the C source
+_STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH = 2, 4  # STATUS_* in the C source
 # -fopenmp: the library needs libgomp.so.1, and in a torch process that soname is already torch's own copy, so
 # the kernels' parallel regions run on torch's intra-op threads (a second pool would fight them for the cores).
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
@@ -121,10 +121,6 @@ def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, 
     B, H, D = query.shape
     N, S, Hkv, _ = key_cache.shape
     M = block_tables.shape[1]
-    # C trusts the tables: what the torch paths would refuse, refuse here (never read past a table or the pool).
-    if B and int(seq_lens.max()) > M * S:
-        needed = -(-int(seq_lens.max()) // S)
-        raise AssertionError(f"max(seq_lens) needs {needed} blocks but block_tables has only {M} columns")
     query = query.contiguous()
     block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -132,6 +128,10 @@ def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, 
     status = library.paged_decode_f32(
         query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), N, B, H, Hkv, D, S, M, scale, torch.get_num_threads())
+    # The kernel checks the tables before reading through them; what the torch paths refuse is refused here too.
+    if status & _STATUS_BAD_LENGTH:
+        raise AssertionError(f"seq_lens: a sequence is longer than its table row covers "
+                             f"(block_tables has only {M} columns of {S} tokens)")
     if status & _STATUS_BAD_BLOCK:
         raise IndexError(f"block_tables: a sequence's block id is outside the pool's 0..{N - 1}")
     return out if status == 0 else None

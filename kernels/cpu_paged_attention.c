@@ -18,6 +18,7 @@
 
 #define STATUS_NO_MEMORY 1
 #define STATUS_BAD_BLOCK 2
+#define STATUS_BAD_LENGTH 4
 
 typedef struct {
     const float *q, *k, *v;
@@ -61,7 +62,8 @@ static void run(Job *job) {
         const int64_t b = item / items_per_seq, h0 = (item % items_per_seq) * hp; /* first KV head */
         const int64_t len = job->seq_lens[b];
         const int32_t *table = job->block_tables + b * job->M;
-        for (int64_t j = 0; j < (len + S - 1) / S; j++) { /* the caller checked len <= M * S */
+        if (len > job->M * S) { job->status = STATUS_BAD_LENGTH; break; } /* more blocks than the table has */
+        for (int64_t j = 0; j < (len + S - 1) / S; j++) {
             if (table[j] < 0 || table[j] >= job->N) { job->status = STATUS_BAD_BLOCK; break; }
         }
         if (job->status) break;
@@ -114,7 +116,7 @@ static void run(Job *job) {
 }
 
 /* Returns 0 on success, else STATUS_* bits: no memory (the caller falls back to torch), a block id outside the
- * pool (the caller raises). */
+ * pool or a length past the table (the caller raises). */
 int paged_decode_f32(const float *q, const float *k, const float *v, const int32_t *block_tables,
                      const int32_t *seq_lens, float *out, int64_t N, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                      int64_t S, int64_t M, float scale, int64_t num_threads) {

@@ -122,8 +122,9 @@ def reference_kv_encode(x: torch.Tensor, transform: torch.Tensor, center: torch.
     codes, scales = packed[..., : layout.num_bytes].to(torch.uint8), scale.to(torch.float16)
     if qjl_projection is None:
         return codes, scales
-    # The residual of what the pages will decode to: the fp16-rounded scales included.
-    return (codes, scales, *reference_qjl_encode(y - reference_kv_decode(codes, scales, layout), qjl_projection))
+    # The residual of what the pages will decode to (reference_kv_decode): levels times the fp16-rounded scales.
+    y_hat = levels * scales.float().gather(2, group)
+    return (codes, scales, *reference_qjl_encode(y - y_hat, qjl_projection))
 
 
 def reference_kv_decode(codes: torch.Tensor, scales: torch.Tensor, layout: CodeLayout) -> torch.Tensor:

@@ -108,28 +108,26 @@ def make_codec(name: str, *, model_dtype: torch.dtype, num_layers: int, num_kv_h
     if bad_layers:
         raise ValueError(f"kv_exclude_layers: layer {bad_layers[0]} is outside 0..{num_layers - 1}")
     shape = (num_kv_heads, head_dim)
+    calibrated = needs_calibration(name)
+    if calibrated:
+        if calibration is None:
+            what = "Block-GTQ" if _GTQ.match(name) else "outlier channels"
+            raise ValueError(f"kv codec {name!r} ({what}) needs a calibration file (kv_calibration; make one with "
+                             f"`tierserve calibrate --out FILE`)")
+        calibration.check_shape(num_layers, num_kv_heads, head_dim)
     if name == "int8":
         side = build_side_plan(torch.full(shape, 8), rotate=False, codebook="int8", scale_mode="absmax", device=device)
         side_plans = [(side, side)] * num_layers
     elif match := _TQ.match(name):
         key_bits, value_bits, qjl = float(match.group(1)), float(match.group(2)), bool(match.group(3))
-        if needs_calibration(name):
-            if calibration is None:
-                raise ValueError(f"kv codec {name!r} has fractional bits (outlier channels) and needs a calibration "
-                                 f"file (kv_calibration; make one with `tierserve calibrate --out FILE`)")
-            calibration.check_shape(num_layers, num_kv_heads, head_dim)
         side_plans = [(build_side_plan(_turboquant_bits(key_bits, calibration, "key", layer, shape), seed=2 * layer,
                                        qjl=qjl, device=device),
                        build_side_plan(_turboquant_bits(value_bits, calibration, "value", layer, shape),
                                        seed=2 * layer + 1, device=device))
                       for layer in range(num_layers)]
-        if needs_calibration(name):
+        if calibrated:
             name = f"{name}@{calibration.digest()}"
     elif match := _GTQ.match(name):
-        if calibration is None:
-            raise ValueError(f"kv codec {name!r} needs a calibration file (kv_calibration; make one with "
-                             f"`tierserve calibrate --out FILE`)")
-        calibration.check_shape(num_layers, num_kv_heads, head_dim)
         key_bits = float(match.group(1) or match.group(2))
         value_bits = float(match.group(1) or match.group(3))
         side_plans = []

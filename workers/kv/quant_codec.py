@@ -41,10 +41,10 @@ class QuantCodec(KVCodec):
             arrays[f"{side}_scales"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
                                                    side_plan.layout.num_groups, dtype=torch.float16, device=device)
             if side_plan.qjl_projection is not None:
-                arrays[f"{side}_qjl_signs"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
-                                                          qjl_num_bytes(self.head_dim), dtype=torch.uint8, device=device)
-                arrays[f"{side}_qjl_norms"] = torch.zeros(num_blocks, block_size, self.num_kv_heads,
-                                                          dtype=torch.float16, device=device)
+                token_head = (num_blocks, block_size, self.num_kv_heads)
+                arrays[f"{side}_qjl_signs"] = torch.zeros(*token_head, qjl_num_bytes(self.head_dim), dtype=torch.uint8,
+                                                          device=device)
+                arrays[f"{side}_qjl_norms"] = torch.zeros(token_head, dtype=torch.float16, device=device)
         return LayerPages(layer, arrays)
 
     def write(self, pages, slot_mapping, key, value) -> None:

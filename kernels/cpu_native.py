@@ -27,11 +27,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("cpu_paged_attention.c",)
+_SOURCES = ("cpu_paged_attention.c", "cpu_quant_linear.c")
 _STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH = 2, 4  # STATUS_* in the C source
 # -fopenmp: the library needs libgomp.so.1, and in a torch process that soname is already torch's own copy, so
 # the kernels' parallel regions run on torch's intra-op threads (a second pool would fight them for the cores).
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-Wno-psabi")
 
 
 def _cache_dir() -> str:
@@ -98,6 +98,8 @@ def native_kernels() -> ctypes.CDLL | None:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     library.paged_decode_f32.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, i64]
     library.paged_decode_f32.restype = ctypes.c_int
+    library.quant_linear_f32.argtypes = [ctypes.c_int] + [pointer] * 6 + [i64] * 3 + [ctypes.c_int]
+    library.quant_linear_f32.restype = ctypes.c_int
     return library
 
 

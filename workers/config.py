@@ -61,6 +61,9 @@ class EngineConfig(BaseModel):
     pack_cpu_weights: bool = Field(True, description="float32 on CPU: pack each weight once for MKL's GEMM "
                                                      "(a 32-stream decode step ~16% faster, measured; about one "
                                                      "more copy of the weights in memory)")
+    block_quant_linears: bool = Field(True, description="float32 on CPU with a GGUF model: batches of up to 64 rows "
+                                                        "multiply by the file's Q4_0/Q4_1/Q8_0 blocks (dequantized "
+                                                        "exactly in the native kernel) instead of the fp32 copies")
     role: Literal["unified", "prefill", "decode"] = "unified"
     kv_eviction: EvictionConfig = Field(default_factory=EvictionConfig,
                                         description="long-context KV eviction (decode and unified roles)")

@@ -23,6 +23,7 @@ from workers.kv.eviction import EvictionBudget, EvictionCandidate, EvictionPolic
 from workers.kv.presets import make_codec
 from workers.kv.manager import KVCacheManager
 from workers.model.loader import LoadedModel, load_model
+from workers.model.block_quant_linear import quantize_linears
 from workers.model.packed_linear import pack_linears
 from workers.model_runner import ModelOutput, ModelRunner
 from workers.outputs import RequestOutput, TextState
@@ -65,6 +66,8 @@ class Engine:
         dtype = config.resolved_dtype()
         self.loaded = loaded or load_model(config.model, dtype=dtype, device=self.device)
         self.model = self.loaded.model
+        if config.block_quant_linears:
+            quantize_linears(self.model, self.loaded.block_tensors)  # in place, once, like the packing below
         if config.pack_cpu_weights:
             pack_linears(self.model)  # fp32 CPU linears only; in place, once: a shared model is packed for all
         self.tokenizer = self.loaded.tokenizer

@@ -36,6 +36,21 @@ def test_next_token_logits_agree_on_real_text(real_model, hf_oracle):
     assert max_diff <= MAX_LOGIT_DIFF, f"max |logit diff| {max_diff:.2e}"
 
 
+def test_block_quantized_linears_agree_on_real_text(real_model, hf_oracle):
+    """Decode-sized batches (<= 64 rows) multiply by the file's Q4_1/Q8_0 blocks: the same bound holds there."""
+    from workers.model.block_quant_linear import BlockQuantLinear, quantize_linears
+
+    quantize_linears(real_model.model, real_model.block_tensors)
+    assert sum(isinstance(m, BlockQuantLinear) for m in real_model.model.modules()) == 30 * 4 + 1
+    hf_model, _ = hf_oracle
+    token_ids = real_model.tokenizer.encode(pydoc_passages(1)[0])[:256]
+    ours = prefill_logits(real_model, token_ids, chunk_size=48)
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([token_ids])).logits[0]
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.99
+    assert (ours - theirs).abs().max().item() <= MAX_LOGIT_DIFF
+
+
 @pytest.fixture(scope="module")
 def engine(real_model):
     return Engine(EngineConfig(block_size=16, num_kv_blocks=512), loaded=real_model)

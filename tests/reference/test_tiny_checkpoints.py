@@ -12,21 +12,27 @@ from workers.model.loader import load_model
 FP32_ATOL = 1e-4
 
 
-def prefill_logits(loaded, token_ids: list[int]) -> torch.Tensor:
-    """One whole-prompt prefill through the paged path; logits for every position."""
+def prefill_logits(loaded, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+    """The prompt through the paged path, whole or in chunks of chunk_size tokens; logits for every position."""
     config = loaded.config
     block_size = 16
-    num_blocks = -(-len(token_ids) // block_size)
+    num_tokens = len(token_ids)
+    chunk_size = chunk_size or num_tokens
+    num_blocks = -(-num_tokens // block_size)
     codec = make_codec("auto", model_dtype=torch.float32, num_layers=config.num_layers,
                        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
     pages = [codec.allocate(layer, num_blocks, block_size, torch.device("cpu")) for layer in range(config.num_layers)]
-    num_tokens = len(token_ids)
-    meta = AttentionMetadata(slot_mapping=torch.arange(num_tokens), num_decode_tokens=0, decode_block_tables=None,
-                             decode_seq_lens=None,
-                             prefills=(PrefillChunk(0, num_tokens, 0, torch.arange(num_blocks)),))
+    logits = []
     with torch.inference_mode():
-        hidden = loaded.model(torch.tensor(token_ids), torch.arange(num_tokens), pages, codec, meta)
-        return loaded.model.compute_logits(hidden)
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
+            meta = AttentionMetadata(
+                slot_mapping=torch.arange(start, end), num_decode_tokens=0, decode_block_tables=None,
+                decode_seq_lens=None,
+                prefills=(PrefillChunk(0, end - start, start, torch.arange(-(-end // block_size))),))
+            hidden = loaded.model(torch.tensor(token_ids[start:end]), torch.arange(start, end), pages, codec, meta)
+            logits.append(loaded.model.compute_logits(hidden))
+    return torch.cat(logits)
 
 
 def hf_logits(model_dir, token_ids: list[int]) -> torch.Tensor:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from kernels.quant_linear import BLOCK_QUANT_TYPES, BlockQuantRows
 from workers.model.config import ModelConfig, RopeScaling, UnsupportedModelError
 
 # GGML quant types we dequantize. Anything else is rejected by name before any work is done.
@@ -130,6 +132,44 @@ def iter_hf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Te
             elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
                 weight = unpermute_rope_rows(weight, config.num_kv_heads)
         yield hf_name, weight
+
+
+@dataclass(frozen=True)
+class GGUFBlockTensor:
+    """A 2-D weight stored in 32-weight blocks (Q4_0, Q4_1, Q8_0), kept as the file's bytes for the block-quantized
+    linears (workers/model/block_quant_linear.py). The bytes are a view of the memory-mapped file: free to keep."""
+
+    hf_name: str
+    type_name: str
+    data: np.ndarray  # the raw blocks, as stored
+    shape: tuple[int, int]  # [out features, in features]
+    rope_heads: int | None  # llama.cpp permuted these rows for this many heads (Q/K of Llama GGUFs)
+
+    def rows(self) -> BlockQuantRows:
+        """The blocks in Hugging Face row order (dequantize() equals iter_hf_weights' tensor exactly)."""
+        rows = BlockQuantRows.from_gguf(self.type_name, self.data, *self.shape)
+        if self.rope_heads:
+            rows = rows.map_rows(lambda t: unpermute_rope_rows(t, self.rope_heads))
+        return rows
+
+
+def block_quant_tensors(reader, config: ModelConfig) -> dict[str, GGUFBlockTensor]:
+    """HF name -> the block-quantized 2-D weights of the file (the other tensors are only in iter_hf_weights)."""
+    found = {}
+    for tensor in reader.tensors:
+        hf_name = _hf_name(tensor.name)
+        if hf_name is None or tensor.tensor_type.name not in BLOCK_QUANT_TYPES or len(tensor.shape) != 2:
+            continue
+        in_features, out_features = (int(d) for d in tensor.shape)  # GGML order: fastest dim first
+        rope_heads = None
+        if config.architecture in ("llama", "mistral"):
+            if hf_name.endswith("q_proj.weight"):
+                rope_heads = config.num_heads
+            elif hf_name.endswith("k_proj.weight"):
+                rope_heads = config.num_kv_heads
+        found[hf_name] = GGUFBlockTensor(hf_name, tensor.tensor_type.name, tensor.data, (out_features, in_features),
+                                         rope_heads)
+    return found
 
 
 def rope_freq_factors(reader) -> torch.Tensor | None:

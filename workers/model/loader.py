@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,9 @@ class LoadedModel:
     model: LlamaForCausalLM
     tokenizer: Tokenizer
     path: str
+    # GGUF weights stored in 32-weight blocks, by HF name (views of the mapped file): the engine's block-quantized
+    # CPU linears read these instead of the fp32 copies (workers/model/block_quant_linear.py). Empty for HF dirs.
+    block_tensors: dict[str, gguf_loader.GGUFBlockTensor] = field(default_factory=dict)
 
 
 def default_model_path() -> str:
@@ -49,6 +52,7 @@ def load_model_info(path: str | None) -> tuple[ModelConfig, Tokenizer, str]:
 def load_model(path: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     path = path or default_model_path()
     device = torch.device(device)
+    block_tensors = {}
     if os.path.isdir(path):
         config = hf_loader.read_hf_config(path)
         tokenizer = Tokenizer.from_hf_dir(path)
@@ -62,6 +66,8 @@ def load_model(path: str | None, dtype: torch.dtype = torch.float32, device: str
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
         model = LlamaForCausalLM(config, dtype, device, rope_freq_factors=gguf_loader.rope_freq_factors(reader))
         model.load_weights(gguf_loader.iter_hf_weights(reader, config))
+        block_tensors = gguf_loader.block_quant_tensors(reader, config)
     else:
         raise FileNotFoundError(f"model path not found: {path}")
-    return LoadedModel(config=config, model=model.eval(), tokenizer=tokenizer, path=str(path))
+    return LoadedModel(config=config, model=model.eval(), tokenizer=tokenizer, path=str(path),
+                       block_tensors=block_tensors)

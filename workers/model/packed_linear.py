@@ -26,7 +26,19 @@ def mkl_packing_available() -> bool:
     return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-class MklPackedLinear(nn.Module):
+class SharedWeightLinear(nn.Module):
+    """A linear that keeps the model's fp32 weight (shared, not copied) beside a faster form of it."""
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+class MklPackedLinear(SharedWeightLinear):
     def __init__(self, linear: nn.Linear, rows: int = 32, min_rows: int = 8, max_rows: int = 64):
         super().__init__()
         if linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu":
@@ -48,14 +60,6 @@ class MklPackedLinear(nn.Module):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._pack()
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., F]"""

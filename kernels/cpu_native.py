@@ -28,7 +28,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("cpu_paged_attention.c", "cpu_quant_linear.c")
-_STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH = 2, 4  # STATUS_* in the C source
+_HEADERS = ("cpu_simd.h",)  # part of the cache key, not of the command line
+_STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH = 2, 4  # STATUS_* in the C source (others: the torch path runs instead)
 # -fopenmp: the library needs libgomp.so.1, and in a torch process that soname is already torch's own copy, so
 # the kernels' parallel regions run on torch's intra-op threads (a second pool would fight them for the cores).
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-Wno-psabi")
@@ -56,7 +57,7 @@ def _build() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.join(here, name) for name in _SOURCES]
     digest = hashlib.sha256()
-    for path in sources:
+    for path in sources + [os.path.join(here, name) for name in _HEADERS]:
         with open(path, "rb") as handle:
             digest.update(handle.read())
     digest.update(" ".join((*compiler, *_FLAGS)).encode())

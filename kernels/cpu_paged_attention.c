@@ -6,19 +6,25 @@
  * out [B, H, D]. Token t of sequence b lives at pages[block_tables[b, t / S], t % S]. The torch twin is
  * reference_paged_decode_attention in kernels/paged_attention.py; kernels/cpu_native.py builds and calls this.
  *
- * Three passes per work item: scores (each page row is read once for all the query heads that use it), an exact
- * softmax (max, then exp and sum), then the probability-weighted sum of value rows. An item is one sequence with
- * all its KV heads (a token's page row is contiguous) when there are enough sequences to keep `num_threads`
- * threads busy, else one (sequence, KV head). Either way every output is computed by one thread in one fixed
- * order, so a sequence's result never depends on what else is in the batch.
+ * Three passes per (sequence, query head), in registers of the target's width (cpu_simd.h): scores, an exact
+ * softmax (max, then exp and sum), then the probability-weighted sum of value rows. The query heads of one KV head
+ * run one after another, so that head's pages are read from DRAM once and from cache after. A work item is one
+ * sequence with all its KV heads when there are enough sequences to keep `num_threads` threads busy, else one
+ * (sequence, KV head). Either way every output is computed by one thread in one fixed order, so a sequence's
+ * result never depends on what else is in the batch. Heads larger than MAX_HEAD_DIM are refused (STATUS_UNSUPPORTED)
+ * and take the torch path.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "cpu_simd.h"
+
 #define STATUS_NO_MEMORY 1
 #define STATUS_BAD_BLOCK 2
 #define STATUS_BAD_LENGTH 4
+#define STATUS_UNSUPPORTED 8 /* a head larger than MAX_HEAD_DIM: the caller uses torch */
+#define MAX_HEAD_DIM 256
 
 typedef struct {
     const float *q, *k, *v;
@@ -31,33 +37,70 @@ typedef struct {
     int status;
 } Job;
 
-/* e^x for x <= 0 (scores minus their max), vectorizable: Cody-Waite range reduction to r in [-ln2/2, ln2/2] and
- * Cephes' degree-6 polynomial (about 1 ulp; libm's expf would not vectorize without -ffast-math). Below -87 the
- * result is clamped to ~2^-125: a probability that small adds nothing next to the max's 1. */
-static inline float exp_nonpositive(float x) {
-    const int underflow = !(x >= -87.0f); /* also NaN: the float-to-int below would be undefined */
-    x = underflow ? -87.0f : x;
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return underflow ? 0.0f : p * scale.f; /* 0, not a subnormal that would slow every later multiply */
+/* One (sequence, KV head h, query head q): scores over the sequence's tokens, an exact softmax, then the
+ * probability-weighted sum of value rows -> out [D]. D is a constant at the call sites for the common head sizes,
+ * so the query and the accumulator live in registers; the order of every sum is fixed. */
+static inline __attribute__((always_inline)) void attend(const int D, const Job *job, const int32_t *table,
+                                                         int64_t len, int64_t h, const float *q, float *scores,
+                                                         float *out) {
+    const int64_t S = job->S, row = job->Hkv * D, nv = D / VEC, tail = D % VEC; /* row: floats per page row */
+    fvec query[MAX_HEAD_DIM / VEC], acc[MAX_HEAD_DIM / VEC];
+    float query_tail[VEC], acc_tail[VEC];
+    for (int64_t c = 0; c < nv; c++) query[c] = loadv(q + c * VEC) * job->scale;
+    for (int64_t d = 0; d < tail; d++) query_tail[d] = q[nv * VEC + d] * job->scale;
+    /* Token t = j * S + o sits in row o of block table[j]: walking blocks avoids a division per token. */
+    for (int64_t j = 0, t = 0; t < len; j++) {
+        const float *block = job->k + table[j] * S * row + h * D;
+        for (int64_t o = 0; o < S && t < len; o++, t++) {
+            const float *key = block + o * row;
+            fvec even = splat(0.0f), odd = splat(0.0f); /* two chains: half the multiply-add latency per token */
+            for (int64_t c = 0; c < nv; c += 2) {
+                even += query[c] * loadv(key + c * VEC);
+                if (c + 1 < nv) odd += query[c + 1] * loadv(key + (c + 1) * VEC);
+            }
+            float dot = hsum(even + odd);
+            for (int64_t d = 0; d < tail; d++) dot += query_tail[d] * key[nv * VEC + d];
+            scores[t] = dot;
+        }
+    }
+    const int64_t padded = (len + VEC - 1) / VEC * VEC;
+    for (int64_t t = len; t < padded; t++) scores[t] = -INFINITY; /* exp() of these is exactly 0 */
+    fvec max_lanes = splat(-INFINITY);
+    for (int64_t t = 0; t < padded; t += VEC) {
+        const fvec x = loadv(scores + t);
+        const ivec greater = x > max_lanes;
+        max_lanes = (fvec)(((ivec)x & greater) | ((ivec)max_lanes & ~greater));
+    }
+    float max = max_lanes[0];
+    for (int i = 1; i < VEC; i++) max = max_lanes[i] > max ? max_lanes[i] : max;
+    fvec sum_lanes = splat(0.0f);
+    for (int64_t t = 0; t < padded; t += VEC) {
+        const fvec p = exp_nonpositive(loadv(scores + t) - max);
+        storev(scores + t, p);
+        sum_lanes += p;
+    }
+    const float inverse = 1.0f / hsum(sum_lanes);
+    for (int64_t c = 0; c < nv; c++) acc[c] = splat(0.0f);
+    for (int64_t d = 0; d < tail; d++) acc_tail[d] = 0.0f;
+    for (int64_t j = 0, t = 0; t < len; j++) {
+        const float *block = job->v + table[j] * S * row + h * D;
+        for (int64_t o = 0; o < S && t < len; o++, t++) {
+            const float *value = block + o * row;
+            const fvec p = splat(scores[t]);
+            for (int64_t c = 0; c < nv; c++) acc[c] += p * loadv(value + c * VEC);
+            for (int64_t d = 0; d < tail; d++) acc_tail[d] += scores[t] * value[nv * VEC + d];
+        }
+    }
+    for (int64_t c = 0; c < nv; c++) storev(out + c * VEC, acc[c] * inverse);
+    for (int64_t d = 0; d < tail; d++) out[nv * VEC + d] = acc_tail[d] * inverse;
 }
 
 static void run(Job *job) {
-    const int64_t G = job->H / job->Hkv, D = job->D, S = job->S, Hkv = job->Hkv;
-    const int64_t hp = job->heads_per_item, items_per_seq = Hkv / hp, QH = hp * G; /* query heads per item */
+    const int64_t G = job->H / job->Hkv, D = job->D, S = job->S;
+    const int64_t hp = job->heads_per_item, items_per_seq = job->Hkv / hp;
     int64_t capacity = 0;
-    float *scores = NULL; /* [QH, len] */
-    float *query = malloc(sizeof(float) * QH * D);
-    float *acc = malloc(sizeof(float) * QH * D);
-    job->status = (query && acc) ? 0 : STATUS_NO_MEMORY;
+    float *scores = NULL; /* [len rounded up to VEC] */
+    job->status = 0;
     for (int64_t item = job->first; item < job->last && job->status == 0; item++) {
         const int64_t b = item / items_per_seq, h0 = (item % items_per_seq) * hp; /* first KV head */
         const int64_t len = job->seq_lens[b];
@@ -67,52 +110,25 @@ static void run(Job *job) {
             if (table[j] < 0 || table[j] >= job->N) { job->status = STATUS_BAD_BLOCK; break; }
         }
         if (job->status) break;
-        if (len * QH > capacity) {
+        if (len + VEC > capacity) {
             free(scores);
-            capacity = len * QH;
+            capacity = len + VEC;
             scores = malloc(sizeof(float) * capacity);
             if (!scores) { job->status = STATUS_NO_MEMORY; break; }
         }
-        const float *q = job->q + (b * job->H + h0 * G) * D; /* the item's query heads are adjacent */
-        for (int64_t i = 0; i < QH * D; i++) query[i] = q[i] * job->scale;
-        /* Token t's heads h0.. of one page row are contiguous: read once, scored by all QH query heads. */
-        for (int64_t t = 0; t < len; t++) {
-            const float *key = job->k + ((table[t / S] * S + t % S) * Hkv + h0) * D;
-            for (int64_t qh = 0; qh < QH; qh++) {
-                const float *qv = query + qh * D, *kv = key + (qh / G) * D;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < D; d++) dot += qv[d] * kv[d];
-                scores[qh * len + t] = dot;
+        /* Every (KV head, query head) is computed the same way whichever item holds it: batch invariance. */
+        for (int64_t h = h0; h < h0 + hp; h++) {
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t offset = (b * job->H + h * G + g) * D;
+                switch (D) {
+                    case 64: attend(64, job, table, len, h, job->q + offset, scores, job->out + offset); break;
+                    case 128: attend(128, job, table, len, h, job->q + offset, scores, job->out + offset); break;
+                    default: attend((int)D, job, table, len, h, job->q + offset, scores, job->out + offset);
+                }
             }
         }
-        for (int64_t qh = 0; qh < QH; qh++) {
-            float *s = scores + qh * len;
-            float max = -INFINITY, sum = 0.0f;
-#pragma omp simd reduction(max : max)
-            for (int64_t t = 0; t < len; t++) max = s[t] > max ? s[t] : max;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < len; t++) { s[t] = exp_nonpositive(s[t] - max); sum += s[t]; }
-            const float inverse = 1.0f / sum;
-#pragma omp simd
-            for (int64_t t = 0; t < len; t++) s[t] *= inverse;
-        }
-        for (int64_t i = 0; i < QH * D; i++) acc[i] = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            const float *value = job->v + ((table[t / S] * S + t % S) * Hkv + h0) * D;
-            for (int64_t qh = 0; qh < QH; qh++) {
-                const float p = scores[qh * len + t], *vv = value + (qh / G) * D;
-                float *a = acc + qh * D;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) a[d] += p * vv[d];
-            }
-        }
-        float *out = job->out + (b * job->H + h0 * G) * D;
-        for (int64_t i = 0; i < QH * D; i++) out[i] = acc[i];
     }
     free(scores);
-    free(query);
-    free(acc);
 }
 
 /* Returns 0 on success, else STATUS_* bits: no memory (the caller falls back to torch), a block id outside the
@@ -120,6 +136,7 @@ static void run(Job *job) {
 int paged_decode_f32(const float *q, const float *k, const float *v, const int32_t *block_tables,
                      const int32_t *seq_lens, float *out, int64_t N, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                      int64_t S, int64_t M, float scale, int64_t num_threads) {
+    if (D > MAX_HEAD_DIM) return STATUS_UNSUPPORTED;
     int64_t work = 0; /* multiply-adds of the score pass; the value pass does as many */
     for (int64_t b = 0; b < B; b++) work += seq_lens[b];
     work *= H * D;

@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("cpu_paged_attention.c", "cpu_quant_linear.c")
+_SOURCES = ("cpu_paged_attention.c", "cpu_quant_linear.c", "cpu_fused.c")
 _HEADERS = ("cpu_simd.h",)  # part of the cache key, not of the command line
 _STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH = 2, 4  # STATUS_* in the C source (others: the torch path runs instead)
 # -fopenmp: the library needs libgomp.so.1, and in a torch process that soname is already torch's own copy, so
@@ -101,6 +101,15 @@ def native_kernels() -> ctypes.CDLL | None:
     library.paged_decode_f32.restype = ctypes.c_int
     library.quant_linear_f32.argtypes = [ctypes.c_int] + [pointer] * 6 + [i64] * 3 + [ctypes.c_int]
     library.quant_linear_f32.restype = ctypes.c_int
+    f32, i32 = ctypes.c_float, ctypes.c_int
+    library.rms_norm_f32.argtypes = [pointer] * 4 + [i64] * 2 + [f32, i32]
+    library.rms_norm_f32.restype = None
+    library.silu_mul_f32.argtypes = [pointer] * 2 + [i64] * 2 + [i32]
+    library.silu_mul_f32.restype = None
+    library.rope_f32.argtypes = [pointer] * 3 + [i64] * 4 + [i32]
+    library.rope_f32.restype = None
+    library.argmax_rows_f32.argtypes = [pointer] * 2 + [i64] * 2 + [i32]
+    library.argmax_rows_f32.restype = ctypes.c_int
     return library
 
 

@@ -19,9 +19,8 @@
  */
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+
+#include "cpu_simd.h"
 
 #define STATUS_BAD_FORMAT 1
 
@@ -29,31 +28,18 @@
 #define QBLOCK 32  /* weights per quant block, along k */
 #define KCHUNK 128 /* k per dequantized chunk: 128 x 32 fp32 = 16 KiB, stays in L1 */
 #define ROW_BLOCK 64
-/* VEC: floats per SIMD register; tiles keep MAX_TILE_ROWS x PANEL/VEC accumulators in registers. */
+/* Tiles keep MAX_TILE_ROWS x PANEL/VEC accumulators in registers. */
 #if defined(__AVX512F__)
-#define VEC 16
 #define MAX_TILE_ROWS 12 /* 24 accumulators + 2 weights + 1 broadcast of 32 zmm */
 #elif defined(__AVX__)
-#define VEC 8
 #define MAX_TILE_ROWS 3 /* 12 accumulators + 4 weights of 16 ymm (the broadcast comes from memory) */
 #else
-#define VEC 4
 #define MAX_TILE_ROWS 2 /* 16 accumulators + 8 weights of NEON's 32 registers */
 #endif
 #define NV (PANEL / VEC)
 
-typedef float fvec __attribute__((vector_size(VEC * 4)));
-typedef int32_t ivec __attribute__((vector_size(VEC * 4)));
 typedef uint8_t u8vec __attribute__((vector_size(VEC)));
 typedef int8_t i8vec __attribute__((vector_size(VEC)));
-
-static inline fvec loadv(const float *src) {
-    fvec v;
-    memcpy(&v, src, sizeof v);
-    return v;
-}
-
-static inline void storev(float *dst, fvec v) { memcpy(dst, &v, sizeof v); }
 
 /* VEC bytes -> VEC int32, zero- or sign-extended. GCC 12 scalarizes __builtin_convertvector for this widening on
  * x86, so the x86 forms are spelled out (one vpmovzxbd); elsewhere (NEON) the generic conversion is fine. */

@@ -11,6 +11,16 @@ import torch  # noqa: E402
 from tests.checkpoints import make_tiny_hf_checkpoint  # noqa: E402
 
 
+@pytest.fixture
+def two_threads():
+    """torch (and the native kernels, which run on its OpenMP threads) on 2 threads for the test: the threaded
+    split of every kernel runs on any machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """The default SmolLM2-135M GGUF loaded once in fp32 (shared by every real-model test)."""

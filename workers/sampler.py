@@ -15,6 +15,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from kernels.fused_ops import argmax_rows
 from workers.sampling_params import SamplingParams
 from workers.sequence import TokenLogprobs
 
@@ -29,7 +30,7 @@ def sample(logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[to
            forced: Seq[int | None] | None = None) -> SamplerOutput:
     """logits [N, V] float32 (raw model output) -> one token per row; a row's forced token replaces its draw."""
     num_rows = logits.shape[0]
-    token_ids = logits.argmax(dim=-1)  # [N]; greedy rows keep this
+    token_ids = argmax_rows(logits)  # [N]; greedy rows keep this
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
         rows = torch.tensor(random_rows)

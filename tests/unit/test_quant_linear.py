@@ -14,14 +14,7 @@ from kernels.quant_linear import (BlockQuantRows, PackedBlockWeight, native_bloc
 from workers.model.block_quant_linear import BlockQuantLinear, quantize_linears
 
 TYPES = ("Q4_0", "Q4_1", "Q8_0")
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def gguf_blocks(type_name: str, out_features: int, in_features: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.fused_ops import rms_norm, rope_, silu_mul
 from workers.attention import AttentionMetadata, paged_attention
 from workers.kv.codecs import KVCodec, LayerPages
 from workers.model.config import ModelConfig
@@ -36,9 +36,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel: one op instead of eight, and bit-identical to HF's fp32 formula.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, E] -> normed [T, E]; with `residual`, x += residual in place first (x is the residual stream).
+        One native pass on fp32 CPU tensors (kernels/fused_ops.py), else torch's own fused rms_norm."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -59,8 +60,8 @@ class Attention(nn.Module):
         """hidden [T, E] -> query [T, H, D], key [T, Hkv, D] (both rotated), value [T, Hkv, D]."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
-        # q and k are adjacent in qkv: rotate them as one [T, H + Hkv, D] tensor (half the small ops).
-        query_key = RotaryEmbedding.apply(
+        # q and k are adjacent in qkv: rotate them as one [T, H + Hkv, D] view, in place.
+        query_key = rope_(
             qkv[:, :self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim),
             *rope_cos_sin)
         query, key = query_key.split((self.num_heads, self.num_kv_heads), dim=1)
@@ -83,8 +84,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden).split(self.intermediate_size, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
 
 
 class DecoderLayer(nn.Module):
@@ -96,8 +96,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, hidden, rope_cos_sin, pages, codec, meta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope_cos_sin, pages, codec, meta)
-        return hidden.add_(self.mlp(self.post_attention_layernorm(hidden)))
+        """hidden [T, E] is the residual stream, updated in place (the model's own activation, never an input's)."""
+        attention_out = self.self_attn(self.input_layernorm(hidden), rope_cos_sin, pages, codec, meta)
+        normed = self.post_attention_layernorm(hidden, residual=attention_out)  # hidden += attention_out
+        return hidden.add_(self.mlp(normed))
 
 
 class LlamaForCausalLM(nn.Module):

@@ -53,11 +53,6 @@ class RotaryEmbedding:
         self.max_positions = max_positions
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin) [T, 1, F]; done once per step and shared by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, H, D] with cos/sin [T, 1, F] -> [T, H, D] rotated (rotate_half layout: halves pair up)."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """positions [T] -> (cos, sin) [T, F]; done once per step and shared by every layer (applied by
+        kernels.fused_ops.rope_)."""
+        return self.cos[positions], self.sin[positions]

@@ -25,7 +25,8 @@ class EngineBenchResult:
     threads: int
     prompt_len: int
     decode_tokens: int
-    matmul_roofline_gflops: float  # model GEMM shapes at batch 32: plain torch or the packed GEMM, the faster
+    matmul_roofline_gflops: float  # model GEMM shapes at batch 32: the fastest of the GEMMs below
+    matmul_gflops_by_kernel: dict[str, float]  # torch, mkl_packed, block_quant (where each is available)
     roofline_decode_tok_s: float  # what that roofline allows for decode (2 FLOPs per weight per token)
     prefill_tok_s: float
     single_stream_decode_tok_s: float
@@ -46,8 +47,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_matmul_roofline(model_config, dtype: torch.dtype, batch: int = 32, seconds: float = 2.0) -> float:
-    """GFLOP/s of torch's matmul on this model's weight shapes (the best a decode step could do)."""
+def measure_matmul_roofline(model_config, dtype: torch.dtype, batch: int = 32, seconds: float = 3.0
+                            ) -> dict[str, float]:
+    """GFLOP/s of each fp32 GEMM this machine offers on this model's weight shapes at `batch` rows: torch's matmul,
+    MKL with the weight packed once, and the native block-quantized kernel (fp32 multiply-adds on weights it
+    dequantizes; random Q4 blocks here). The roofline is the best of them: the most a decode step's matmuls could do.
+    Variants alternate round by round, so the machine's drift hits all of them alike."""
     shapes = [
         (model_config.num_heads * model_config.head_dim + 2 * model_config.num_kv_heads * model_config.head_dim,
          model_config.hidden_size),
@@ -58,30 +63,39 @@ def measure_matmul_roofline(model_config, dtype: torch.dtype, batch: int = 32, s
     ]
     from torch import nn
 
+    from kernels.quant_linear import BlockQuantRows, PackedBlockWeight, native_block_quant_linear
     from workers.model.packed_linear import MklPackedLinear, mkl_packing_available
 
     weights = [torch.randn(shape, dtype=dtype) for shape in shapes]
     inputs = [torch.randn(batch, shape[1], dtype=dtype) for shape in shapes]
-    # Plain torch, and the engine's packed GEMM where it applies: the roofline is the faster of the two.
-    variants = [[lambda x, w=weight: torch.nn.functional.linear(x, w) for weight in weights]]
+    variants = {"torch": [lambda x, w=weight: torch.nn.functional.linear(x, w) for weight in weights]}
     if dtype == torch.float32 and mkl_packing_available():
-        variants.append([MklPackedLinear(nn.Linear(k, n, bias=False).requires_grad_(False)) for n, k in shapes])
+        variants["mkl_packed"] = [MklPackedLinear(nn.Linear(k, n, bias=False).requires_grad_(False)) for n, k in shapes]
+    blocks = [PackedBlockWeight.pack(BlockQuantRows(
+        "q4", torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // 32), torch.rand(n, k // 32)))
+        for n, k in shapes if k % 32 == 0]
+    if dtype == torch.float32 and len(blocks) == len(shapes) and \
+            native_block_quant_linear(inputs[0], blocks[0]) is not None:
+        variants["block_quant"] = [lambda x, w=weight: native_block_quant_linear(x, w) for weight in blocks]
     flops_per_round = sum(2 * batch * n * k for n, k in shapes)
-    best = 0.0
+    best = dict.fromkeys(variants, 0.0)
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        for linears in variants:
+        for name, linears in variants.items():
             started = time.perf_counter()
             for linear, x in zip(linears, inputs):
                 linear(x)
-            best = max(best, flops_per_round / (time.perf_counter() - started) / 1e9)
+            best[name] = max(best[name], flops_per_round / (time.perf_counter() - started) / 1e9)
     return best
 
 
 def _prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     # Distinct first tokens so prefix caching cannot share work between requests.
-    return [[1000 + i] + torch.randint(100, vocab_size - 100, (length - 1,), generator=generator).tolist()
+    first = 1000 if vocab_size > 1000 + count else 0
+    margin = min(100, vocab_size // 4)  # away from special tokens at either end of the vocabulary
+    return [[(first + i) % vocab_size] + torch.randint(margin, vocab_size - margin, (length - 1,),
+                                                       generator=generator).tolist()
             for i in range(count)]
 
 
@@ -162,7 +176,8 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     params_per_token = sum(p.numel() for n, p in engine.model.named_parameters() if "embed_tokens" not in n) \
         + (model_config.vocab_size * model_config.hidden_size if model_config.tie_word_embeddings else 0)
     _progress("measuring the matmul roofline")
-    roofline = measure_matmul_roofline(model_config, dtype)
+    matmul_gflops = measure_matmul_roofline(model_config, dtype)
+    roofline = max(matmul_gflops.values())
     vocab = model_config.vocab_size
 
     _progress("warm-up")
@@ -178,7 +193,8 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     result = EngineBenchResult(
         model=engine.loaded.path, dtype=str(dtype).removeprefix("torch."), threads=threads,
         prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
-        matmul_roofline_gflops=roofline, roofline_decode_tok_s=roofline * 1e9 / (2 * params_per_token),
+        matmul_roofline_gflops=roofline, matmul_gflops_by_kernel=matmul_gflops,
+        roofline_decode_tok_s=roofline * 1e9 / (2 * params_per_token),
         prefill_tok_s=args.prompt_len / prefill_seconds,
         single_stream_decode_tok_s=aggregate.get(1) or bench_ours(
             engine, _prompts(vocab, 1, args.prompt_len, seed=4), args.decode_tokens)[1],
@@ -225,7 +241,9 @@ def format_table(result: EngineBenchResult) -> str:
         row(f"decode tok/s, {count} streams (vs HF 1 stream)", rate, result.hf_single_stream_decode_tok_s)
         if count in hf:
             row(f"decode tok/s, {count} streams (vs HF batch {count})", rate, hf[count])
-    rows.append(("matmul roofline GFLOP/s (model shapes, M=32)", f"{result.matmul_roofline_gflops:.1f}", "-", "-"))
+    kernels = ", ".join(f"{name} {gflops:.0f}" for name, gflops in result.matmul_gflops_by_kernel.items())
+    rows.append(("matmul roofline GFLOP/s (model shapes, M=32)", f"{result.matmul_roofline_gflops:.1f}", "-",
+                 f"best of: {kernels}"))
     rows.append(("roofline decode tok/s", f"{result.roofline_decode_tok_s:.1f}", "-",
                  f"{result.ratios.get('aggregate_max_vs_roofline', 0):.0%} reached"))
     rows.append(("peak RSS MB (engine + baseline)", f"{result.peak_rss_mb:.0f}", "-", "-"))

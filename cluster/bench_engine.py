@@ -1,7 +1,9 @@
 """`tierserve bench engine`: prefill and decode throughput of the in-process engine vs transformers.
 
-Everything is measured in one run on the same machine (these machines are shared and noisy, so
-only same-run ratios mean anything). Progress goes to stderr, the table to stdout, JSON to --json.
+Everything is measured in one run on the same machine, and ours and the baseline alternate in rounds (these
+machines are shared and their speed drifts by tens of percent over minutes, so only interleaved, same-run ratios
+mean anything; medians of the rounds are reported, every round is in the JSON). Progress goes to stderr, the table
+to stdout, JSON to --json.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +28,7 @@ class EngineBenchResult:
     threads: int
     prompt_len: int
     decode_tokens: int
+    rounds: int  # ours and transformers alternate this many times; every rate below is the median
     matmul_roofline_gflops: float  # model GEMM shapes at batch 32: the fastest of the GEMMs below
     matmul_gflops_by_kernel: dict[str, float]  # torch, mkl_packed, block_quant (where each is available)
     roofline_decode_tok_s: float  # what that roofline allows for decode (2 FLOPs per weight per token)
@@ -36,6 +40,7 @@ class EngineBenchResult:
     hf_single_stream_decode_tok_s: float | None = None
     hf_batch_decode_tok_s: dict[int, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, list[float]] = field(default_factory=dict)  # every round's rate, by metric
     machine: dict[str, str] = field(default_factory=dict)
 
 
@@ -124,39 +129,39 @@ def bench_ours(engine, prompts: list[list[int]], decode_tokens: int) -> tuple[fl
     return decode_started - started, decoded / (finished - decode_started)
 
 
-def bench_transformers(model_path: str, dtype: torch.dtype, prompt_len: int, decode_tokens: int,
-                       batch_sizes: list[int], vocab_size: int) -> tuple[float, float, dict[int, float]]:
-    from transformers import AutoModelForCausalLM
+class TransformersBaseline:
+    """transformers `generate` on the same checkpoint, dtype and prompt length: the baseline, loaded once and
+    measured in rounds interleaved with ours."""
 
-    directory, name = os.path.split(model_path)
-    if os.path.isdir(model_path):
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype).eval()
+    def __init__(self, model_path: str, dtype: torch.dtype, prompt_len: int, decode_tokens: int, vocab_size: int):
+        from transformers import AutoModelForCausalLM
 
-    def generate_seconds(batch: int, new_tokens: int) -> float:
-        ids = torch.tensor(_prompts(vocab_size, batch, prompt_len, seed=1))
+        directory, name = os.path.split(model_path)
+        if os.path.isdir(model_path):
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype).eval()
+        self.prompt_len, self.decode_tokens, self.vocab_size = prompt_len, decode_tokens, vocab_size
+
+    def generate_seconds(self, batch: int, new_tokens: int) -> float:
+        ids = torch.tensor(_prompts(self.vocab_size, batch, self.prompt_len, seed=1))
         started = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         return time.perf_counter() - started
 
-    # The first generate calls of a shape are several times slower (lazy kernel setup): warm up each
-    # batch size, and take the best of two short runs so the prefill estimate is not inflated.
-    decode_rates = {}
-    prefill_seconds = None
-    for batch in batch_sizes:
-        generate_seconds(batch, 4)
-        generate_seconds(batch, 4)
-        one = min(generate_seconds(batch, 1), generate_seconds(batch, 1))
-        if batch == 1:
-            prefill_seconds = one
-        # Decode rate = the extra time for decode_tokens more tokens, so prefill cancels out.
-        full = generate_seconds(batch, decode_tokens + 1)
-        decode_rates[batch] = batch * decode_tokens / (full - one)
-    del model
-    return prompt_len / prefill_seconds, decode_rates[1], decode_rates
+    def warm_up(self, batch: int) -> None:
+        # The first generate calls of a shape are several times slower (lazy kernel setup).
+        self.generate_seconds(batch, 4)
+        self.generate_seconds(batch, 4)
+
+    def measure(self, batch: int) -> tuple[float, float]:
+        """(prefill seconds: the best of two 1-token generates, decode tok/s: the extra time for decode_tokens
+        more tokens, so prefill cancels out)."""
+        one = min(self.generate_seconds(batch, 1), self.generate_seconds(batch, 1))
+        full = self.generate_seconds(batch, self.decode_tokens + 1)
+        return one, batch * self.decode_tokens / (full - one)
 
 
 def run_engine_bench(args: argparse.Namespace) -> int:
@@ -179,39 +184,60 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     matmul_gflops = measure_matmul_roofline(model_config, dtype)
     roofline = max(matmul_gflops.values())
     vocab = model_config.vocab_size
+    baseline = None
+    hf_batches = [1] + ([max(concurrency)] if max(concurrency) > 1 else [])
+    if not args.skip_baseline:
+        _progress("loading the baseline: transformers (same checkpoint, same dtype)")
+        baseline = TransformersBaseline(engine.loaded.path, dtype, args.prompt_len, args.decode_tokens, vocab)
 
     _progress("warm-up")
     bench_ours(engine, _prompts(vocab, 2, args.prompt_len, seed=9), 4)
-    _progress(f"prefill: one {args.prompt_len}-token prompt")
-    prefill_seconds, _ = bench_ours(engine, _prompts(vocab, 1, args.prompt_len, seed=2), 2)
-    aggregate = {}
     for count in concurrency:
-        _progress(f"decode: {count} concurrent streams x {args.decode_tokens} tokens")
-        bench_ours(engine, _prompts(vocab, count, 16, seed=100 + count), 4)  # warm-up at this batch shape
-        _, aggregate[count] = bench_ours(engine, _prompts(vocab, count, args.prompt_len, seed=3 + count),
-                                         args.decode_tokens)
+        bench_ours(engine, _prompts(vocab, count, 16, seed=100 + count), 4)  # each batch shape once
+    for batch in hf_batches if baseline else ():
+        baseline.warm_up(batch)
+    # Rounds alternate ours and theirs, so both see the same drift of a shared machine; medians are reported.
+    prefill_runs: list[float] = []
+    decode_runs: dict[int, list[float]] = {count: [] for count in concurrency}
+    hf_prefill_runs: list[float] = []
+    hf_decode_runs: dict[int, list[float]] = {batch: [] for batch in hf_batches}
+    for round_index in range(args.rounds):
+        _progress(f"round {round_index + 1}/{args.rounds}: ours")
+        prefill_runs.append(args.prompt_len / bench_ours(engine, _prompts(vocab, 1, args.prompt_len, seed=2), 2)[0])
+        for count in concurrency:
+            decode_runs[count].append(bench_ours(engine, _prompts(vocab, count, args.prompt_len, seed=3 + count),
+                                                 args.decode_tokens)[1])
+        if baseline:
+            _progress(f"round {round_index + 1}/{args.rounds}: transformers")
+            for batch in hf_batches:
+                prefill_seconds, rate = baseline.measure(batch)
+                hf_decode_runs[batch].append(rate)
+                if batch == 1:
+                    hf_prefill_runs.append(args.prompt_len / prefill_seconds)
+    aggregate = {count: statistics.median(runs) for count, runs in decode_runs.items()}
     result = EngineBenchResult(
         model=engine.loaded.path, dtype=str(dtype).removeprefix("torch."), threads=threads,
-        prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+        prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, rounds=args.rounds,
         matmul_roofline_gflops=roofline, matmul_gflops_by_kernel=matmul_gflops,
         roofline_decode_tok_s=roofline * 1e9 / (2 * params_per_token),
-        prefill_tok_s=args.prompt_len / prefill_seconds,
+        prefill_tok_s=statistics.median(prefill_runs),
         single_stream_decode_tok_s=aggregate.get(1) or bench_ours(
             engine, _prompts(vocab, 1, args.prompt_len, seed=4), args.decode_tokens)[1],
         aggregate_decode_tok_s=aggregate, peak_rss_mb=_peak_rss_mb(),
+        runs={"prefill_tok_s": prefill_runs, **{f"decode_tok_s_{c}": r for c, r in decode_runs.items()},
+              **({"hf_prefill_tok_s": hf_prefill_runs} if baseline else {}),
+              **{f"hf_decode_tok_s_{b}": r for b, r in hf_decode_runs.items() if baseline}},
         machine={"cpu": platform.processor() or platform.machine(), "cpus": str(os.cpu_count()),
                  "torch": torch.__version__},
     )
-    if not args.skip_baseline:
-        _progress("baseline: transformers generate (same prompts, same dtype)")
-        hf_batches = [1] + ([max(concurrency)] if max(concurrency) > 1 else [])
-        hf_prefill, hf_single, hf_batch = bench_transformers(engine.loaded.path, dtype, args.prompt_len,
-                                                             args.decode_tokens, hf_batches, vocab)
-        result.hf_prefill_tok_s = hf_prefill
+    if baseline:
+        hf_single = statistics.median(hf_decode_runs[1])
+        hf_batch = {batch: statistics.median(runs) for batch, runs in hf_decode_runs.items()}
+        result.hf_prefill_tok_s = statistics.median(hf_prefill_runs)
         result.hf_single_stream_decode_tok_s = hf_single
         result.hf_batch_decode_tok_s = hf_batch
         result.ratios = {
-            "prefill_vs_hf": result.prefill_tok_s / hf_prefill,
+            "prefill_vs_hf": result.prefill_tok_s / result.hf_prefill_tok_s,
             "single_stream_vs_hf": result.single_stream_decode_tok_s / hf_single,
             **{f"aggregate_{c}_vs_hf_single": rate / hf_single for c, rate in aggregate.items()},
             **{f"aggregate_{c}_vs_hf_batch_{c}": aggregate[c] / hf_batch[c] for c in hf_batch if c in aggregate},

@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-tokens", type=int, default=64, help="engine: tokens decoded per stream")
     bench.add_argument("--concurrency", default="1,4,16,32")
     bench.add_argument("--skip-baseline", action="store_true", help="engine: skip the transformers baseline")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="engine: rounds alternating ours and transformers (medians are reported)")
     bench.add_argument("--prompt-lens", default="32,128,512", help="serve: prompt length mix (tokens)")
     bench.add_argument("--output-lens", default="16,64", help="serve: output length mix (tokens)")
     bench.add_argument("--requests-per-client", type=int, default=2, help="serve: requests per client per level")

@@ -7,6 +7,9 @@ No Ray here: a plain process can own an Engine (tests, benchmarks, `tierserve ru
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import logging
 import secrets
 import time
@@ -57,6 +60,21 @@ class KVStats:
     num_evicted_blocks: int  # lifetime count of blocks dropped by the eviction policy
 
 
+def freeze_gc_heap() -> None:
+    """Move everything alive now (model, tokenizer, pools: the process's long-lived heap) out of the cyclic GC's
+    reach. A decode step allocates thousands of small objects, so the GC runs often, and each full collection
+    rescanned that whole heap: about 15% of a 32-stream step on 2 cores (measured). vLLM does the same at start."""
+    gc.collect()
+    gc.freeze()
+    _unfreeze_at_exit()
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    # Frozen objects are never finalized at shutdown otherwise (bindings such as triton's then report "leaks").
+    atexit.register(gc.unfreeze)
+
+
 class Engine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
@@ -101,6 +119,8 @@ class Engine:
                                  model_config.max_position_embeddings, num_blocks * self.block_size)
         self._bytes_per_block = bytes_per_block
         self._sequences: dict[str, Sequence] = {}
+        if config.freeze_gc_heap:
+            freeze_gc_heap()
         self._text: dict[str, TextState] = {}
         self._held: dict[str, tuple[Sequence, HeldKV]] = {}  # prefill role: blocks awaiting export
         self._importing: dict[str, Sequence] = {}  # decode role: blocks reserved, bytes in flight

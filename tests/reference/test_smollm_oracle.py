@@ -1,7 +1,7 @@
 """The real SmolLM2-135M GGUF vs Hugging Face transformers loading the same file (fp32 both sides).
 
 Bound we hold: top-1 identical at >= 99% of positions and max |logit difference| <= 1e-3.
-(Our RMSNorm/RoPE follow HF's op order, so in practice the difference is ~1e-5 or exactly 0.)
+(Measured: 7.8e-5 on the fp32 prefill path, 1.7e-4 on the block-quantized decode path; only summation orders differ.)
 """
 
 import pytest

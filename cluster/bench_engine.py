@@ -76,8 +76,12 @@ def measure_matmul_roofline(model_config, dtype: torch.dtype, batch: int = 32, s
     variants = {"torch": [lambda x, w=weight: torch.nn.functional.linear(x, w) for weight in weights]}
     if dtype == torch.float32 and mkl_packing_available():
         variants["mkl_packed"] = [MklPackedLinear(nn.Linear(k, n, bias=False).requires_grad_(False)) for n, k in shapes]
-    blocks = [PackedBlockWeight.pack(BlockQuantRows(
-        "q4", torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // 32), torch.rand(n, k // 32)))
+    # Random blocks in SmolLM2's kinds: Q4 linears, the (tied) head in Q8.
+    blocks = [PackedBlockWeight.pack(
+        BlockQuantRows("q8", torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32), None)
+        if n == model_config.vocab_size else
+        BlockQuantRows("q4", torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // 32),
+                       torch.rand(n, k // 32)))
         for n, k in shapes if k % 32 == 0]
     if dtype == torch.float32 and len(blocks) == len(shapes) and \
             native_block_quant_linear(inputs[0], blocks[0]) is not None:
@@ -168,7 +172,10 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     from cluster.cli import _engine_config
     from workers.engine import Engine
 
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+    # 1 stream is always measured in the rounds: the single-stream ratio is a median like every other.
+    concurrency = sorted({1, *(int(c) for c in args.concurrency.split(","))})
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     config = _engine_config(args)
     _progress("loading the model")
     engine = Engine(config.model_copy(update={
@@ -221,8 +228,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         matmul_roofline_gflops=roofline, matmul_gflops_by_kernel=matmul_gflops,
         roofline_decode_tok_s=roofline * 1e9 / (2 * params_per_token),
         prefill_tok_s=statistics.median(prefill_runs),
-        single_stream_decode_tok_s=aggregate.get(1) or bench_ours(
-            engine, _prompts(vocab, 1, args.prompt_len, seed=4), args.decode_tokens)[1],
+        single_stream_decode_tok_s=aggregate[1],
         aggregate_decode_tok_s=aggregate, peak_rss_mb=_peak_rss_mb(),
         runs={"prefill_tok_s": prefill_runs, **{f"decode_tok_s_{c}": r for c, r in decode_runs.items()},
               **({"hf_prefill_tok_s": hf_prefill_runs} if baseline else {}),

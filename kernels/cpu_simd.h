@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -38,7 +38,9 @@ static inline float hsum(fvec v) {
 #if defined(__AVX512F__)
     __m512 wide;
     memcpy(&wide, &v, sizeof wide);
-    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(wide), _mm512_extractf32x8_ps(wide, 1));
+    /* the upper 256 bits through a double cast: plain AVX-512F (extractf32x8 would need AVX512DQ) */
+    const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide), 1));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(wide), upper);
 #elif defined(__AVX__)
     __m256 half;
     memcpy(&half, &v, sizeof half);

@@ -29,6 +29,9 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
              ) -> torch.Tensor:
     """x [T, E] -> normed [T, E]. With `residual`, first x += residual IN PLACE (x is the residual stream)."""
+    if weight.shape != x.shape[-1:] or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} / residual "
+                         f"{None if residual is None else tuple(residual.shape)} do not fit x {tuple(x.shape)}")
     library = _native_for(x, weight, *(() if residual is None else (residual,)))
     if library is None or x.dim() != 2:
         if residual is not None:
@@ -67,6 +70,8 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """Rotate x [T, R, D] in place (x may be a strided view of a fused qkv row: unit stride inside a row's R*D
     values); returns x."""
     num_tokens, num_heads, head_dim = x.shape
+    if cos.shape != (num_tokens, head_dim // 2) or sin.shape != cos.shape:
+        raise ValueError(f"rope_: cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} do not fit x {tuple(x.shape)}")
     library = _native_for(cos, sin)
     if library is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(2) != 1 or \
             x.stride(1) != head_dim or head_dim % 2:

@@ -143,6 +143,8 @@ def native_block_quant_linear(x: torch.Tensor, weight: PackedBlockWeight, bias: 
         return None
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return None
+    if bias is not None and bias.shape != (weight.out_features,):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} for {weight.out_features} out features")
     rows = x.reshape(-1, weight.in_features).contiguous()
     out = torch.empty(rows.shape[0], weight.out_features, dtype=torch.float32)
     status = library.quant_linear_f32(

@@ -63,10 +63,11 @@ class EngineConfig(BaseModel):
                                                      "more copy of the weights in memory)")
     block_quant_linears: bool = Field(True, description="float32 on CPU with a GGUF model: batches of up to 64 rows "
                                                         "multiply by the file's Q4_0/Q4_1/Q8_0 blocks (dequantized "
-                                                        "exactly in the native kernel) instead of the fp32 copies")
-    freeze_gc_heap: bool = Field(True, description="after start, freeze the process's long-lived objects out of "
-                                                   "Python's cyclic GC (full collections stop rescanning the model "
-                                                   "and tokenizer on every few steps)")
+                                                        "exactly in the native kernel) instead of the fp32 copies; "
+                                                        "like packing, it changes a shared model for every engine")
+    freeze_gc_heap: bool = Field(True, description="after the process's first engine starts, freeze its long-lived "
+                                                   "objects out of Python's cyclic GC (full collections stop "
+                                                   "rescanning the model and tokenizer every few steps)")
     role: Literal["unified", "prefill", "decode"] = "unified"
     kv_eviction: EvictionConfig = Field(default_factory=EvictionConfig,
                                         description="long-context KV eviction (decode and unified roles)")

@@ -85,3 +85,13 @@ def test_a_rows_result_does_not_depend_on_the_batch():
     gate_up = torch.randn(200, 3072, generator=generator)
     assert torch.equal(rms_norm(x[17:18], weight, 1e-5)[0], rms_norm(x, weight, 1e-5)[17])
     assert torch.equal(silu_mul(gate_up[17:18])[0], silu_mul(gate_up)[17])
+
+
+def test_shapes_that_do_not_fit_are_refused_before_any_native_read():
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.randn(32), 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, torch.randn(64), 1e-5, residual=torch.randn(3, 64))
+    with pytest.raises(ValueError, match="cos/sin"):
+        rope_(torch.randn(4, 2, 64), torch.randn(4, 16), torch.randn(4, 16))

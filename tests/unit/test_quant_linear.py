@@ -130,3 +130,10 @@ def test_the_real_files_blocks_are_its_fp32_weights(real_model):
     for module in swapped:
         assert torch.equal(module.packed.dequantize(), module.weight)
     assert real_model.model.lm_head.packed.kind == "q8"
+
+
+@requires_native
+def test_a_bias_that_does_not_fit_is_refused():
+    weight, _ = packed_weight("Q8_0", 64, 96, seed=10)
+    with pytest.raises(ValueError, match="bias"):
+        native_block_quant_linear(torch.randn(2, 96), weight, torch.randn(63))

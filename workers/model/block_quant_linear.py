@@ -4,7 +4,8 @@ Why: one decode step reads every weight once for a handful of rows, so its matmu
 bytes. SmolLM2's file stores its linears as Q4_1 and its (tied) embedding as Q8_0; read as those blocks, a step
 reads about 110 MB instead of the 540 MB fp32 copy. The kernel dequantizes exactly, so the weights are the same
 numbers as the fp32 path's; only the order of the fp32 sums differs (tested against the fp32 path and against
-transformers). Rows are independent in the kernel: a sequence's result is bit-identical alone or in any batch.
+transformers). Rows are independent in the kernel: a sequence's result is bit-identical alone or in any batch of
+up to `max_rows` rows (a larger step, e.g. decodes beside a long prefill chunk, takes the fp32 GEMM whole).
 
 Batches of more than `max_rows` rows (prefill chunks, where the fp32 GEMM is compute-bound and MKL is faster) keep
 the fp32 weight, which the module shares with the model (no copy).

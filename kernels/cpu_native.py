@@ -49,15 +49,21 @@ def _cpu_identity() -> bytes:
         return platform.processor().encode() + platform.machine().encode()
 
 
+def compile_command(compiler: list[str], output: str, march: str = "-march=native") -> list[str]:
+    """The one command that builds the library from every source here."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    flags = [march if flag == "-march=native" else flag for flag in _FLAGS]
+    return [*compiler, *flags, "-o", output, *(os.path.join(here, name) for name in _SOURCES), "-lm"]
+
+
 def _build() -> str | None:
     compiler = shlex.split(os.environ["CC"]) if os.environ.get("CC") else [shutil.which("cc") or shutil.which("gcc")]
     if not compiler or compiler[0] is None:
         log.warning("no C compiler found: native CPU kernels are off (torch paths are used)")
         return None
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [os.path.join(here, name) for name in _SOURCES]
     digest = hashlib.sha256()
-    for path in sources + [os.path.join(here, name) for name in _HEADERS]:
+    for path in (os.path.join(here, name) for name in (*_SOURCES, *_HEADERS)):
         with open(path, "rb") as handle:
             digest.update(handle.read())
     digest.update(" ".join((*compiler, *_FLAGS)).encode())
@@ -71,7 +77,7 @@ def _build() -> str | None:
             with tempfile.TemporaryDirectory(dir=directory) as scratch:
                 partial = os.path.join(scratch, "lib.so")
                 try:
-                    result = subprocess.run([*compiler, *_FLAGS, "-o", partial, *sources, "-lm"],
+                    result = subprocess.run(compile_command(compiler, partial),
                                             capture_output=True, text=True, timeout=120)
                 except (OSError, subprocess.TimeoutExpired) as exc:
                     log.warning("building native CPU kernels failed (torch paths are used): %s", exc)

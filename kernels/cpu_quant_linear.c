@@ -38,39 +38,27 @@
 #endif
 #define NV (PANEL / VEC)
 
-typedef uint8_t u8vec __attribute__((vector_size(VEC)));
-typedef int8_t i8vec __attribute__((vector_size(VEC)));
-
 /* VEC bytes -> VEC int32, zero- or sign-extended. GCC 12 scalarizes __builtin_convertvector for this widening on
  * x86, so the x86 forms are spelled out (one vpmovzxbd); elsewhere (NEON) the generic conversion is fine. */
 #if defined(__AVX512F__)
-#define WIDEN_BYTES(name, type, x512, x256)                                                                           \
-    static inline ivec name(const type *src) {                                                                        \
-        const __m512i v = x512(_mm_loadu_si128((const __m128i *)src));                                               \
-        ivec wide;                                                                                                    \
-        memcpy(&wide, &v, sizeof wide);                                                                               \
-        return wide;                                                                                                  \
-    }
+#define WIDEN(src, x512, x256, narrow) x512(_mm_loadu_si128((const __m128i *)(src)))
 #elif defined(__AVX2__)
-#define WIDEN_BYTES(name, type, x512, x256)                                                                           \
+#define WIDEN(src, x512, x256, narrow) x256(_mm_loadl_epi64((const __m128i *)(src)))
+#else
+typedef uint8_t u8vec __attribute__((vector_size(VEC)));
+typedef int8_t i8vec __attribute__((vector_size(VEC)));
+#define WIDEN(src, x512, x256, narrow) \
+    __builtin_convertvector(({ narrow bytes_; memcpy(&bytes_, (src), sizeof bytes_); bytes_; }), ivec)
+#endif
+#define WIDEN_BYTES(name, type, narrow, x512, x256)                                                                   \
     static inline ivec name(const type *src) {                                                                        \
-        const __m256i v = x256(_mm_loadl_epi64((const __m128i *)src));                                               \
+        const __auto_type v = WIDEN(src, x512, x256, narrow);                                                         \
         ivec wide;                                                                                                    \
         memcpy(&wide, &v, sizeof wide);                                                                               \
         return wide;                                                                                                  \
     }
-#else
-#define WIDEN_BYTES(name, type, x512, x256)                                                                           \
-    static inline ivec name(const type *src) {                                                                        \
-        type##_vec_t narrow;                                                                                          \
-        memcpy(&narrow, src, sizeof narrow);                                                                          \
-        return __builtin_convertvector(narrow, ivec);                                                                 \
-    }
-typedef u8vec uint8_t_vec_t;
-typedef i8vec int8_t_vec_t;
-#endif
-WIDEN_BYTES(widen_u8, uint8_t, _mm512_cvtepu8_epi32, _mm256_cvtepu8_epi32)
-WIDEN_BYTES(widen_i8, int8_t, _mm512_cvtepi8_epi32, _mm256_cvtepi8_epi32)
+WIDEN_BYTES(widen_u8, uint8_t, u8vec, _mm512_cvtepu8_epi32, _mm256_cvtepu8_epi32)
+WIDEN_BYTES(widen_i8, int8_t, i8vec, _mm512_cvtepi8_epi32, _mm256_cvtepi8_epi32)
 
 /* One k-chunk of one panel -> wbuf [kc, 32] fp32. kb0 = first quant block of the chunk. */
 static void dequant_q4(const uint8_t *quants, const float *scales, const float *mins, int64_t KB, int64_t p,
@@ -142,8 +130,6 @@ static void tile_rows(int rows, const float *x, int64_t ldx, const float *wbuf, 
         default: break;
     }
 }
-
-int quant_linear_max_tile_rows(void) { return MAX_TILE_ROWS; }
 
 /* format: 4 = q4 (nibbles, scales and mins), 8 = q8 (int8, scales). bias may be NULL. Returns 0 or a STATUS_*. */
 int quant_linear_f32(int format, const void *quants, const float *scales, const float *mins, const float *bias,

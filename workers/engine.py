@@ -117,12 +117,12 @@ class Engine:
                                  model_config.max_position_embeddings, num_blocks * self.block_size)
         self._bytes_per_block = bytes_per_block
         self._sequences: dict[str, Sequence] = {}
-        if config.freeze_gc_heap:
-            freeze_gc_heap()
         self._text: dict[str, TextState] = {}
         self._held: dict[str, tuple[Sequence, HeldKV]] = {}  # prefill role: blocks awaiting export
         self._importing: dict[str, Sequence] = {}  # decode role: blocks reserved, bytes in flight
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
+        if config.freeze_gc_heap:
+            freeze_gc_heap()  # last: everything the engine keeps for its lifetime exists by now
 
     def _init_eviction(self, config: EngineConfig, model_config) -> None:
         """The eviction policy and what feeds its scores. A prefill replica never evicts (it hands over the whole

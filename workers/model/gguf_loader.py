@@ -126,12 +126,21 @@ def iter_hf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Te
         # The reader gives shapes in GGML order (fastest dim first); numpy order is the reverse.
         array = np.require(array, dtype=np.float32, requirements=["W"]).reshape([int(d) for d in reversed(tensor.shape)])
         weight = torch.from_numpy(array)
-        if config.architecture in ("llama", "mistral"):
-            if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
-                weight = unpermute_rope_rows(weight, config.num_heads)
-            elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
-                weight = unpermute_rope_rows(weight, config.num_kv_heads)
+        rope_heads = _rope_permuted_heads(hf_name, config)
+        if rope_heads:
+            weight = unpermute_rope_rows(weight, rope_heads)
         yield hf_name, weight
+
+
+def _rope_permuted_heads(hf_name: str, config: ModelConfig) -> int | None:
+    """The heads llama.cpp's converter permuted this tensor's rows for (Q/K of Llama-architecture GGUFs), or None."""
+    if config.architecture not in ("llama", "mistral"):
+        return None
+    if ".q_proj." in hf_name:
+        return config.num_heads
+    if ".k_proj." in hf_name:
+        return config.num_kv_heads
+    return None
 
 
 @dataclass(frozen=True)
@@ -161,14 +170,8 @@ def block_quant_tensors(reader, config: ModelConfig) -> dict[str, GGUFBlockTenso
         if hf_name is None or tensor.tensor_type.name not in BLOCK_QUANT_TYPES or len(tensor.shape) != 2:
             continue
         in_features, out_features = (int(d) for d in tensor.shape)  # GGML order: fastest dim first
-        rope_heads = None
-        if config.architecture in ("llama", "mistral"):
-            if hf_name.endswith("q_proj.weight"):
-                rope_heads = config.num_heads
-            elif hf_name.endswith("k_proj.weight"):
-                rope_heads = config.num_kv_heads
         found[hf_name] = GGUFBlockTensor(hf_name, tensor.tensor_type.name, tensor.data, (out_features, in_features),
-                                         rope_heads)
+                                         _rope_permuted_heads(hf_name, config))
     return found
 
 

@@ -35,6 +35,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="don't pack fp32 CPU weights for MKL (saves one copy of the weights; slower batches)")
     group.add_argument("--no-block-quant-linears", action="store_true",
                        help="decode with the fp32 copies of a GGUF's Q4_0/Q4_1/Q8_0 weights instead of their blocks")
+    group.add_argument("--no-native-decode-layers", action="store_true",
+                       help="run decode steps through the model's modules (one Python call per op) instead of one "
+                            "native call for all layers")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -48,7 +51,7 @@ def _engine_config(args: argparse.Namespace):
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads, pack_cpu_weights=not args.no_pack_cpu_weights,
-        block_quant_linears=not args.no_block_quant_linears,
+        block_quant_linears=not args.no_block_quant_linears, native_decode_layers=not args.no_native_decode_layers,
         kv_eviction={"policy": args.kv_eviction, "budget": args.kv_budget, "budget_blocks": args.kv_budget_blocks},
     )
 

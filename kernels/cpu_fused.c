@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "cpu_kernels.h"
 #include "cpu_simd.h"
 
 #define PARALLEL_MIN_ELEMENTS (1 << 16) /* below this a parallel region costs more than it saves */

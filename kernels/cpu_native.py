@@ -27,9 +27,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("cpu_paged_attention.c", "cpu_quant_linear.c", "cpu_fused.c")
-_HEADERS = ("cpu_simd.h",)  # part of the cache key, not of the command line
+_SOURCES = ("cpu_paged_attention.c", "cpu_kv_write.c", "cpu_quant_linear.c", "cpu_fused.c", "cpu_decode_layers.c")
+_HEADERS = ("cpu_simd.h", "cpu_kernels.h")  # part of the cache key, not of the command line
 _STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH = 2, 4  # STATUS_* in the C source (others: the torch path runs instead)
+_STATUS_BAD_SLOT = 2  # kv_write's
 # -fopenmp: the library needs libgomp.so.1, and in a torch process that soname is already torch's own copy, so
 # the kernels' parallel regions run on torch's intra-op threads (a second pool would fight them for the cores).
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-Wno-psabi")
@@ -103,8 +104,14 @@ def native_kernels() -> ctypes.CDLL | None:
         log.warning("loading native CPU kernels failed (torch paths are used): %s", exc)
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.paged_decode_f32.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, i64]
-    library.paged_decode_f32.restype = ctypes.c_int
+    library.paged_decode.argtypes = [pointer, i64] + [pointer] * 5 + [i64] * 7 + [ctypes.c_float, ctypes.c_int, i64]
+    library.paged_decode.restype = ctypes.c_int
+    library.kv_write.argtypes = [pointer] * 2 + [i64] * 2 + [pointer] + [i64] * 2 + [pointer] * 2 + [i64, ctypes.c_int]
+    library.kv_write.restype = ctypes.c_int
+    library.native_has_half.argtypes = []
+    library.native_has_half.restype = ctypes.c_int
+    library.decode_layers.argtypes = [pointer, pointer, i64, pointer]
+    library.decode_layers.restype = ctypes.c_int
     library.quant_linear_f32.argtypes = [ctypes.c_int] + [pointer] * 6 + [i64] * 3 + [ctypes.c_int]
     library.quant_linear_f32.restype = ctypes.c_int
     f32, i32 = ctypes.c_float, ctypes.c_int
@@ -122,30 +129,33 @@ def native_kernels() -> ctypes.CDLL | None:
 def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
                                   ) -> torch.Tensor | None:
-    """[B, H, D] float32 over pages read in place, or None when it does not apply (not fp32 CPU, not contiguous
-    pages, no library, or the kernel could not allocate): the caller then takes its torch path.
+    """[B, H, D] float32 over pages read in place (fp32, or fp16 pages widened in registers), or None when it does
+    not apply (not CPU, a float32 query over fp32/fp16 pages, contiguous pages; no library; the kernel could not
+    allocate, or this CPU has no fp16 conversion): the caller then takes its torch path.
 
-    The caller has checked shapes and dtypes agree (kernels/paged_attention.py); seq_lens must be >= 1 and index
-    only the sequence's own blocks, as everywhere in the engine.
+    The caller has checked shapes agree (kernels/paged_attention.py); seq_lens must be >= 1 and index only the
+    sequence's own blocks, as everywhere in the engine.
     """
     library = native_kernels()
-    tensors = (query, key_cache, value_cache)
-    if library is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if library is None or any(t.device.type != "cpu" for t in (query, key_cache, value_cache)):
         return None
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+    if query.dtype != torch.float32 or key_cache.dtype not in (torch.float32, torch.float16):
+        return None
+    if value_cache.dtype != key_cache.dtype or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         return None
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         return None
     B, H, D = query.shape
     N, S, Hkv, _ = key_cache.shape
     M = block_tables.shape[1]
-    query = query.contiguous()
+    if query.stride(2) != 1 or query.stride(1) != D:
+        query = query.contiguous()  # each sequence's heads must be one row; rows may sit any distance apart
     block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
-    status = library.paged_decode_f32(
-        query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-        out.data_ptr(), N, B, H, Hkv, D, S, M, scale, torch.get_num_threads())
+    status = library.paged_decode(
+        query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+        out.data_ptr(), N, B, H, Hkv, D, S, M, scale, int(key_cache.dtype == torch.float16), torch.get_num_threads())
     # The kernel checks the tables before reading through them; what the torch paths refuse is refused here too.
     if status & _STATUS_BAD_LENGTH:
         raise AssertionError(f"seq_lens: a sequence is longer than its table row covers "
@@ -153,3 +163,38 @@ def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, 
     if status & _STATUS_BAD_BLOCK:
         raise IndexError(f"block_tables: a sequence's block id is outside the pool's 0..{N - 1}")
     return out if status == 0 else None
+
+
+def _rows(tensor: torch.Tensor) -> bool:
+    """[T, Hkv, D] with each token's Hkv*D elements contiguous (rows may sit any distance apart)."""
+    return tensor.dim() == 3 and tensor.stride(2) == 1 and tensor.stride(1) == tensor.shape[2]
+
+
+def native_kv_write(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, key_pages: torch.Tensor,
+                    value_pages: torch.Tensor) -> bool:
+    """Write fp32 key/value [T, Hkv, D] into slots slot_mapping [T] of pages [N, S, Hkv, D] (fp32, or fp16 rounded
+    to nearest even), reading the rows in place (views into qkv). False when it does not apply (not CPU, other
+    dtypes or layouts, no library, no fp16 conversion on this CPU): the caller then uses index_copy_.
+    Raises IndexError, writing nothing, if a slot is outside the pool."""
+    library = native_kernels()
+    if library is None or any(t.device.type != "cpu" for t in (key, value, slot_mapping, key_pages, value_pages)):
+        return False
+    if key.dtype != torch.float32 or value.dtype != torch.float32 or not (_rows(key) and _rows(value)):
+        return False
+    if key_pages.dtype not in (torch.float32, torch.float16) or value_pages.dtype != key_pages.dtype:
+        return False
+    if not (key_pages.is_contiguous() and value_pages.is_contiguous()) or key_pages.shape != value_pages.shape:
+        return False
+    if key.shape != value.shape or key.shape[1:] != key_pages.shape[2:] or key.shape[0] != slot_mapping.shape[0]:
+        return False
+    if slot_mapping.dtype != torch.int64 or slot_mapping.dim() != 1:
+        return False
+    slot_mapping = slot_mapping.contiguous()
+    num_slots = key_pages.shape[0] * key_pages.shape[1]
+    status = library.kv_write(key.data_ptr(), value.data_ptr(), key.stride(0), value.stride(0),
+                              slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2],
+                              key_pages.data_ptr(), value_pages.data_ptr(), num_slots,
+                              int(key_pages.dtype == torch.float16))
+    if status == _STATUS_BAD_SLOT:
+        raise IndexError(f"slot_mapping: a slot is outside the pool's 0..{num_slots - 1}")
+    return status == 0

@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
 #include "cpu_simd.h"
 
 #define STATUS_BAD_FORMAT 1
@@ -137,7 +138,13 @@ int quant_linear_f32(int format, const void *quants, const float *scales, const 
     if ((format != 4 && format != 8) || K % QBLOCK != 0 || (format == 4 && mins == NULL))
         return STATUS_BAD_FORMAT;
     const int64_t KB = K / QBLOCK, P = (N + PANEL - 1) / PANEL;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+    /* Panels are handed out as threads free up, a few at a time (~0.25M multiply-adds a grab, so the shared
+     * counter costs nothing): a fixed split waits at the end for the slower core, and on a shared machine one
+     * core is often slower. A panel's result does not depend on which thread computes it. */
+    int64_t chunk = (1 << 18) / (M * K * PANEL > 0 ? M * K * PANEL : 1);
+    const int64_t even_share = (P + num_threads - 1) / num_threads;
+    chunk = chunk < 1 ? 1 : chunk > even_share ? even_share : chunk;
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, chunk)
     for (int64_t p = 0; p < P; p++) {
         float wbuf[KCHUNK * PANEL] __attribute__((aligned(64)));
         float acc[ROW_BLOCK * PANEL] __attribute__((aligned(64)));

@@ -59,6 +59,58 @@ static inline float hsum(fvec v) {
 #endif
 }
 
+/* fp16 storage (KV pages): HAVE_HALF where the target converts in hardware (F16C: every AVX2/AVX-512 x86 target).
+ * Loads widen exactly; stores round to nearest even, as torch's .to(torch.float16) does. Without F16C the callers
+ * refuse fp16 pages before touching them (their torch paths run), so the stubs below are never called. */
+#if defined(__F16C__)
+#define HAVE_HALF 1
+static inline fvec load_half(const uint16_t *src) {
+#if VEC == 16
+    __m256i bits;
+    memcpy(&bits, src, sizeof bits);
+    const __m512 wide = _mm512_cvtph_ps(bits);
+#elif VEC == 8
+    __m128i bits;
+    memcpy(&bits, src, sizeof bits);
+    const __m256 wide = _mm256_cvtph_ps(bits);
+#else
+    const __m128 wide = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)src));
+#endif
+    fvec v;
+    memcpy(&v, &wide, sizeof v);
+    return v;
+}
+
+static inline void store_half(uint16_t *dst, fvec v) {
+#if VEC == 16
+    __m512 wide;
+    memcpy(&wide, &v, sizeof wide);
+    const __m256i bits = _mm512_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif VEC == 8
+    __m256 wide;
+    memcpy(&wide, &v, sizeof wide);
+    const __m128i bits = _mm256_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    __m128 wide;
+    memcpy(&wide, &v, sizeof wide);
+    const __m128i bits = _mm_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+    memcpy(dst, &bits, VEC * sizeof(uint16_t));
+}
+
+static inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
+
+static inline uint16_t float_to_half(float x) {
+    return (uint16_t)_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#else
+#define HAVE_HALF 0
+static inline fvec load_half(const uint16_t *src) { return splat((float)*src * 0.0f); }
+static inline void store_half(uint16_t *dst, fvec v) { (void)dst, (void)v; }
+static inline float half_to_float(uint16_t bits) { return (float)bits * 0.0f; }
+static inline uint16_t float_to_half(float x) { return (uint16_t)(x * 0.0f); }
+#endif
+
 /* e^x for x <= 0 (scores minus their max), lane-wise: Cody-Waite range reduction to r in [-ln2/2, ln2/2] and
  * Cephes' degree-6 polynomial (about 1 ulp). Below -87, and for NaN, the result is exactly 0 (not a subnormal that
  * would slow every later multiply). */

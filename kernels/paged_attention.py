@@ -8,7 +8,8 @@ fixed-size blocks of a shared pool: token ``t`` of sequence ``b`` is at
 
 * ``reference_paged_decode_attention`` - plain torch: the spec; on the CPU the path for block mass, or without C.
 * ``triton_paged_decode_attention``   - Triton kernel (GPU, or CPU under TRITON_INTERPRET=1).
-* ``native_paged_decode_attention``   - C kernel reading pages in place (fp32 CPU; kernels/cpu_native.py).
+* ``native_paged_decode_attention``   - C kernel reading pages in place (CPU: fp32 query over fp32 or fp16 pages;
+  kernels/cpu_native.py).
 * ``paged_decode_attention``          - validates shapes and picks: Triton on CUDA; on the CPU the C kernel, else
   SDPA over gathered pages (small batches) or the reference.
 """
@@ -26,6 +27,7 @@ if _HAS_TRITON:
     from kernels.block_mass import store_block_log_mass
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PAGE_DTYPES = {torch.float32: (torch.float16, torch.bfloat16), torch.float16: (), torch.bfloat16: ()}
 
 # The CPU path gathers K (then V) in chunks of blocks so the gather buffer stays about this
 # many elements (32 MiB in fp32) however long the sequences are: one gather for B=32 x 8192
@@ -53,7 +55,8 @@ def _check_inputs(
     assert Dk == D, f"head dim mismatch: query D={D}, cache D={Dk}"
     assert Hkv > 0 and H % Hkv == 0, f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}"
     assert query.dtype in _SUPPORTED_DTYPES, f"query dtype {query.dtype} not in {_SUPPORTED_DTYPES}"
-    assert key_cache.dtype == query.dtype and value_cache.dtype == query.dtype, (
+    # An fp32 query may attend over lower-precision pages (the CPU paths do the math in fp32 either way).
+    assert value_cache.dtype == key_cache.dtype and key_cache.dtype in (query.dtype, *_PAGE_DTYPES[query.dtype]), (
         f"cache dtypes ({key_cache.dtype}, {value_cache.dtype}) must match query dtype {query.dtype}"
     )
     assert block_tables.dim() == 2 and block_tables.shape[0] == B, (
@@ -338,6 +341,11 @@ def paged_decode_attention(
     With ``with_block_mass`` returns (out, block mass [B, Hkv, M]); see kernels/block_mass.py.
     """
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens)
+    if query.is_cuda and key_cache.dtype != query.dtype:
+        query = query.to(key_cache.dtype)  # the Triton kernel reads one dtype; the output returns to fp32 below
+        out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                     token_weights=token_weights, with_block_mass=with_block_mass)
+        return (out[0].float(), out[1]) if with_block_mass else out.float()
     if query.is_cuda and _HAS_TRITON:
         return triton_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
                                              token_weights=token_weights, with_block_mass=with_block_mass)
@@ -346,7 +354,8 @@ def paged_decode_attention(
         if out is not None:
             return out
     # SDPA never exposes its probabilities, so a call that wants the block mass takes the reference.
-    if not with_block_mass and query.shape[0] * block_tables.shape[1] * key_cache.shape[1] <= SDPA_MAX_GATHERED_TOKENS:
+    if (not with_block_mass and key_cache.dtype == query.dtype
+            and query.shape[0] * block_tables.shape[1] * key_cache.shape[1] <= SDPA_MAX_GATHERED_TOKENS):
         return sdpa_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
     return reference_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
                                             token_weights=token_weights, with_block_mass=with_block_mass)

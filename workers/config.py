@@ -65,6 +65,10 @@ class EngineConfig(BaseModel):
                                                         "multiply by the file's Q4_0/Q4_1/Q8_0 blocks (dequantized "
                                                         "exactly in the native kernel) instead of the fp32 copies; "
                                                         "like packing, it changes a shared model for every engine")
+    native_decode_layers: bool = Field(True, description="float32 on CPU with block-quantized linears: a pure-decode "
+                                                          "step runs all its layers in one native call (the same "
+                                                          "kernels as the module path, bit-identical, without the "
+                                                          "Python between them)")
     freeze_gc_heap: bool = Field(True, description="after the process's first engine starts, freeze its long-lived "
                                                    "objects out of Python's cyclic GC (full collections stop "
                                                    "rescanning the model and tokenizer every few steps)")

@@ -111,7 +111,8 @@ class Engine:
             self.weight_store = TokenWeightStore(self.weighting, model_config.num_layers, num_blocks, self.block_size,
                                                  model_config.num_kv_heads, self.device, self._output_maps)
         self.runner = ModelRunner(self.model, self.codec, self.kv_pages, self.block_size,
-                                  weight_store=self.weight_store, output_maps=self._output_maps)
+                                  weight_store=self.weight_store, output_maps=self._output_maps,
+                                  native_decode=config.native_decode_layers)
         # A lone sequence must always fit in the pool, or it could wait forever.
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * self.block_size)

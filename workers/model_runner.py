@@ -16,6 +16,7 @@ from workers.attention import AttentionMetadata, PrefillChunk
 from workers.kv.block_scores import ScoreCollector, TokenWeightStore
 from workers.kv.codecs import KVCodec, LayerPages
 from workers.model.llama import LlamaForCausalLM
+from workers.model.native_decode import NativeDecodeLayers
 from workers.scheduler import ScheduledSequence
 from workers.sequence import Sequence
 
@@ -31,7 +32,8 @@ class ModelOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, codec: KVCodec, kv_pages: list[LayerPages], block_size: int,
-                 weight_store: TokenWeightStore | None = None, output_maps: list[torch.Tensor] | None = None):
+                 weight_store: TokenWeightStore | None = None, output_maps: list[torch.Tensor] | None = None,
+                 native_decode: bool = False):
         self.model = model
         self.codec = codec
         self.kv_pages = kv_pages
@@ -41,6 +43,8 @@ class ModelRunner:
         # scores; value weights are written for every token when the engine's policy weighs votes by them.
         self.weight_store = weight_store
         self.output_maps = output_maps
+        # Pure-decode steps on a CPU fp32 block-quantized model: all layers in one native call (None elsewhere).
+        self.native_decode = NativeDecodeLayers.build(model, codec, kv_pages) if native_decode else None
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
@@ -116,11 +120,12 @@ class ModelRunner:
             prefills=tuple(chunks),
             scores=scores,
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            self.kv_pages, self.codec, meta,
-        )
+        input_ids_tensor = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        positions_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if self.native_decode is not None and self.native_decode.applies(meta, len(input_ids)):
+            hidden = self.native_decode.forward(input_ids_tensor, positions_tensor, meta)
+        else:
+            hidden = self.model(input_ids_tensor, positions_tensor, self.kv_pages, self.codec, meta)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)])
         return ModelOutput(sampled_seqs=sampled_seqs, logits=logits.cpu(), decode_seqs=[item.seq for item in decodes],
                            observed_seqs=observed_seqs, scores=scores)

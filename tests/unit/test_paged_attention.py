@@ -203,13 +203,39 @@ def test_dispatcher_uses_torch_paths_on_cpu(monkeypatch):
 native_required = pytest.mark.skipif(native_kernels() is None, reason="no C compiler: native kernels are off")
 
 
+# The native kernel runs up to 3 query heads of 64 (AVX-512) per pass over a KV head's pages, split evenly:
+# groups of 4 (2 passes), 8 wide heads (one head a pass) and 12 (4 passes of 3) cover every split.
+NATIVE_CASES = REFERENCE_CASES + [
+    pytest.param([40, 7, 129], 32, 8, 64, 16, id="gqa32/8-d64"),
+    pytest.param([30, 90], 16, 2, 128, 16, id="gqa16/2-d128"),
+    pytest.param([17, 64], 12, 1, 64, 16, id="mqa12-d64"),
+]
+
+
 @native_required
-@pytest.mark.parametrize("seq_lens,H,Hkv,D,S", REFERENCE_CASES)
-def test_native_matches_naive(seq_lens, H, Hkv, D, S):
-    inputs = make_paged_inputs(seq_lens, H, Hkv, D, S, seed=sum(seq_lens) * 13 + H + D)
+@pytest.mark.parametrize("page_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seq_lens,H,Hkv,D,S", NATIVE_CASES)
+def test_native_matches_naive(seq_lens, H, Hkv, D, S, page_dtype):
+    """fp32 queries over fp32 or fp16 pages; fp16 rows are widened exactly, so the bound is fp32's either way."""
+    query, key_cache, value_cache, block_tables, lens = make_paged_inputs(seq_lens, H, Hkv, D, S,
+                                                                           seed=sum(seq_lens) * 13 + H + D)
+    inputs = (query, key_cache.to(page_dtype), value_cache.to(page_dtype), block_tables, lens)
     out = native_paged_decode_attention(*inputs, D**-0.5)
-    assert out.dtype == torch.float32 and out.shape == inputs[0].shape
+    if out is None and page_dtype == torch.float16:
+        pytest.skip("this CPU has no F16C: fp16 pages take the torch path (tested below)")
+    assert out.dtype == torch.float32 and out.shape == query.shape
     torch.testing.assert_close(out.double(), naive_attention(*inputs, D**-0.5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("page_dtype", [torch.float16, torch.bfloat16])
+def test_dispatcher_runs_fp32_queries_over_lower_precision_pages(page_dtype):
+    """fp16 pages take the native kernel where it is built, bf16 the reference; both do fp32 math and return fp32."""
+    query, key_cache, value_cache, block_tables, lens = make_paged_inputs([10, 33, 70], 9, 3, 64, 16, seed=6)
+    inputs = (query, key_cache.to(page_dtype), value_cache.to(page_dtype), block_tables, lens)
+    out = pa.paged_decode_attention(*inputs, 0.125)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), naive_attention(*inputs, 0.125), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pa.reference_paged_decode_attention(*inputs, 0.125), out, atol=1e-5, rtol=1e-5)
 
 
 def test_native_kernels_build_wherever_there_is_a_c_compiler():
@@ -283,4 +309,6 @@ def test_dispatcher_rejects_bad_shapes():
     with pytest.raises(AssertionError, match="seq_lens must be"):
         pa.paged_decode_attention(q, k, v, bt, sl[:1], 0.125)
     with pytest.raises(AssertionError, match="must match query dtype"):
-        pa.paged_decode_attention(q, k.half(), v.half(), bt, sl, 0.125)
+        pa.paged_decode_attention(q.half(), k, v, bt, sl, 0.125)  # only an fp32 query may read other pages
+    with pytest.raises(AssertionError, match="must match query dtype"):
+        pa.paged_decode_attention(q, k.half(), v, bt, sl, 0.125)

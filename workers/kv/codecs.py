@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.cpu_native import native_kv_write
 from kernels.paged_attention import paged_decode_attention
 
 
@@ -91,6 +92,8 @@ class IdentityCodec(KVCodec):
                                   "value": torch.zeros(shape, dtype=self.dtype, device=device)})
 
     def write(self, pages, slot_mapping, key, value) -> None:
+        if native_kv_write(key, value, slot_mapping, pages["key"], pages["value"]):
+            return  # one native call on the CPU, rows read in place; index_copy_ is its twin
         for name, tensor in (("key", key), ("value", value)):
             storage = pages[name]
             storage.view(-1, *storage.shape[2:]).index_copy_(0, slot_mapping, tensor.to(storage.dtype))
@@ -100,11 +103,16 @@ class IdentityCodec(KVCodec):
 
     def decode_attention(self, query, pages, block_tables, seq_lens, scale, *, token_weights=None,
                          with_block_mass=False):
-        result = paged_decode_attention(query.to(self.dtype), pages["key"], pages["value"], block_tables, seq_lens,
+        # An fp32 query attends over fp16/bf16 pages as it is: the math is fp32 on every path, and on the CPU the
+        # native kernel widens fp16 rows in registers (half the bytes of an fp32 cache to read).
+        model_dtype = query.dtype
+        if model_dtype != torch.float32:
+            query = query.to(self.dtype)
+        result = paged_decode_attention(query, pages["key"], pages["value"], block_tables, seq_lens,
                                         scale, token_weights=token_weights, with_block_mass=with_block_mass)
         if with_block_mass:
-            return result[0].to(query.dtype), result[1]
-        return result.to(query.dtype)
+            return result[0].to(model_dtype), result[1]
+        return result.to(model_dtype)
 
     def bytes_per_token(self, layer: int) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()

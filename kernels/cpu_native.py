@@ -1,7 +1,7 @@
 # B=decode sequences, H=query heads, Hkv=KV heads, D=head dim, N=blocks, S=block size, M=max blocks per sequence
 """Native CPU kernels: C sources in this folder, compiled on first use with the system C compiler, called by ctypes.
 
-No torch headers and no build step at install: one `cc -O3 -march=native` of a small C file (well under a second),
+No torch headers and no build step at install: one `cc -O3 -march=native` of the C files here (a few seconds),
 cached per source and flags under ``$TIERSERVE_CACHE_DIR`` (default ``~/.cache/tierserve``) and shared by every
 process of the machine (a file lock keeps concurrent first uses from racing; the library is renamed into place).
 ``-march=native`` is safe because the library is built on the machine that runs it. Without a compiler, or if the
@@ -176,9 +176,8 @@ def native_kv_write(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.
     to nearest even), reading the rows in place (views into qkv). False when it does not apply (not CPU, other
     dtypes or layouts, no library, no fp16 conversion on this CPU): the caller then uses index_copy_.
     Raises IndexError, writing nothing, if a slot is outside the pool."""
-    library = native_kernels()
-    if library is None or any(t.device.type != "cpu" for t in (key, value, slot_mapping, key_pages, value_pages)):
-        return False
+    if any(t.device.type != "cpu" for t in (key, value, slot_mapping, key_pages, value_pages)):
+        return False  # before loading the library: a GPU engine never builds it
     if key.dtype != torch.float32 or value.dtype != torch.float32 or not (_rows(key) and _rows(value)):
         return False
     if key_pages.dtype not in (torch.float32, torch.float16) or value_pages.dtype != key_pages.dtype:
@@ -188,6 +187,9 @@ def native_kv_write(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.
     if key.shape != value.shape or key.shape[1:] != key_pages.shape[2:] or key.shape[0] != slot_mapping.shape[0]:
         return False
     if slot_mapping.dtype != torch.int64 or slot_mapping.dim() != 1:
+        return False
+    library = native_kernels()
+    if library is None:
         return False
     slot_mapping = slot_mapping.contiguous()
     num_slots = key_pages.shape[0] * key_pages.shape[1]

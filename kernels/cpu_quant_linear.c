@@ -141,9 +141,11 @@ int quant_linear_f32(int format, const void *quants, const float *scales, const 
     /* Panels are handed out as threads free up, a few at a time (~0.25M multiply-adds a grab, so the shared
      * counter costs nothing): a fixed split waits at the end for the slower core, and on a shared machine one
      * core is often slower. A panel's result does not depend on which thread computes it. */
+    if (num_threads < 1) num_threads = 1;
     int64_t chunk = (1 << 18) / (M * K * PANEL > 0 ? M * K * PANEL : 1);
     const int64_t even_share = (P + num_threads - 1) / num_threads;
-    chunk = chunk < 1 ? 1 : chunk > even_share ? even_share : chunk;
+    chunk = chunk > even_share ? even_share : chunk;
+    chunk = chunk < 1 ? 1 : chunk;
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, chunk)
     for (int64_t p = 0; p < P; p++) {
         float wbuf[KCHUNK * PANEL] __attribute__((aligned(64)));

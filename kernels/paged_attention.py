@@ -177,8 +177,9 @@ def sdpa_paged_decode_attention(
     n_blocks = -(-int(seq_lens.max()) // S)
     L = n_blocks * S
     table = block_tables[:, :n_blocks].long()
-    key = key_cache[table].view(B, L, Hkv, D).transpose(1, 2)  # [B, Hkv, L, D] (a view: no copy)
-    value = value_cache[table].view(B, L, Hkv, D).transpose(1, 2)
+    # [B, Hkv, L, D] (a view of the gather: no second copy); lower-precision pages widen to the query's dtype
+    key = key_cache[table].to(query.dtype).view(B, L, Hkv, D).transpose(1, 2)
+    value = value_cache[table].to(query.dtype).view(B, L, Hkv, D).transpose(1, 2)
     mask = (torch.arange(L, device=query.device) < seq_lens[:, None]).view(B, 1, 1, L)
     out = F.scaled_dot_product_attention(query.unsqueeze(2), key, value, attn_mask=mask, scale=scale,
                                          enable_gqa=True)  # [B, H, 1, D]
@@ -354,8 +355,7 @@ def paged_decode_attention(
         if out is not None:
             return out
     # SDPA never exposes its probabilities, so a call that wants the block mass takes the reference.
-    if (not with_block_mass and key_cache.dtype == query.dtype
-            and query.shape[0] * block_tables.shape[1] * key_cache.shape[1] <= SDPA_MAX_GATHERED_TOKENS):
+    if not with_block_mass and query.shape[0] * block_tables.shape[1] * key_cache.shape[1] <= SDPA_MAX_GATHERED_TOKENS:
         return sdpa_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
     return reference_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
                                             token_weights=token_weights, with_block_mass=with_block_mass)

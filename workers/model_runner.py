@@ -122,9 +122,10 @@ class ModelRunner:
         )
         input_ids_tensor = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         positions_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = None
         if self.native_decode is not None and self.native_decode.applies(meta, len(input_ids)):
             hidden = self.native_decode.forward(input_ids_tensor, positions_tensor, meta)
-        else:
+        if hidden is None:
             hidden = self.model(input_ids_tensor, positions_tensor, self.kv_pages, self.codec, meta)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)])
         return ModelOutput(sampled_seqs=sampled_seqs, logits=logits.cpu(), decode_seqs=[item.seq for item in decodes],

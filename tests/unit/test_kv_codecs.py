@@ -283,22 +283,28 @@ def test_engine_config_rejects_bad_codec_settings_at_load_time():
         EngineConfig(kv_codec="gtq-3.0")
 
 
+@pytest.mark.parametrize("head_dim", [HEAD_DIM, 20])  # 20: rows of 40, past the last full vector (fp16 tails)
 @pytest.mark.parametrize("page_dtype", ["float32", "float16", "bfloat16"])
-def test_identity_write_native_equals_its_index_copy_twin(monkeypatch, page_dtype):
+def test_identity_write_native_equals_its_index_copy_twin(monkeypatch, page_dtype, head_dim):
     """K/V rows are views into a fused qkv row (strided); the native write (fp32/fp16 pages) lands the same bits as
     index_copy_, fp16 rounded to nearest even like .to(); a slot outside the pool raises (the native write, before
     writing anything)."""
     import workers.kv.codecs as codecs
+    from kernels.cpu_native import native_kernels, native_kv_write
 
-    codec = codec_for(page_dtype)
+    library = native_kernels()
+    native_active = library is not None and page_dtype != "bfloat16" and (
+        page_dtype == "float32" or library.native_has_half())
+    codec = codecs.IdentityCodec(codecs.FLOAT_DTYPES[page_dtype], NUM_KV_HEADS, head_dim)
     gen = torch.Generator().manual_seed(3)
-    num_tokens, num_blocks, q_size = 21, 6, GROUP * NUM_KV_HEADS * HEAD_DIM
-    kv_size = NUM_KV_HEADS * HEAD_DIM
+    num_tokens, num_blocks, q_size = 21, 6, GROUP * NUM_KV_HEADS * head_dim
+    kv_size = NUM_KV_HEADS * head_dim
     qkv = torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen) * 300  # past fp16's finest steps
-    key = qkv[:, q_size:q_size + kv_size].view(num_tokens, NUM_KV_HEADS, HEAD_DIM)
-    value = qkv[:, q_size + kv_size:].view(num_tokens, NUM_KV_HEADS, HEAD_DIM)
+    key = qkv[:, q_size:q_size + kv_size].view(num_tokens, NUM_KV_HEADS, head_dim)
+    value = qkv[:, q_size + kv_size:].view(num_tokens, NUM_KV_HEADS, head_dim)
     slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=gen)[:num_tokens]
     native = codec.allocate(0, num_blocks, BLOCK_SIZE, torch.device("cpu"))
+    assert native_kv_write(key, value, slots, native["key"], native["value"]) == native_active
     codec.write(native, slots, key, value)
     monkeypatch.setattr(codecs, "native_kv_write", lambda *args: False)
     twin = codec.allocate(0, num_blocks, BLOCK_SIZE, torch.device("cpu"))
@@ -306,11 +312,11 @@ def test_identity_write_native_equals_its_index_copy_twin(monkeypatch, page_dtyp
     monkeypatch.undo()
     for name in ("key", "value"):
         assert torch.equal(native[name], twin[name]), name
-        assert native[name].view(-1, NUM_KV_HEADS, HEAD_DIM)[slots].abs().sum() > 0
+        assert native[name].view(-1, NUM_KV_HEADS, head_dim)[slots].abs().sum() > 0
     bad = slots.clone()
     bad[-1] = num_blocks * BLOCK_SIZE
     before = native["key"].clone()
     with pytest.raises((IndexError, RuntimeError)):
         codec.write(native, bad, key * 2, value * 2)
-    if page_dtype != "bfloat16":  # index_copy_ (bf16's path) may have written the good rows before raising
+    if native_active:  # index_copy_ (the torch path) may have written the good rows before raising
         assert torch.equal(native["key"], before)

@@ -203,12 +203,14 @@ def test_dispatcher_uses_torch_paths_on_cpu(monkeypatch):
 native_required = pytest.mark.skipif(native_kernels() is None, reason="no C compiler: native kernels are off")
 
 
-# The native kernel runs up to 3 query heads of 64 (AVX-512) per pass over a KV head's pages, split evenly:
-# groups of 4 (2 passes), 8 wide heads (one head a pass) and 12 (4 passes of 3) cover every split.
+# The native kernel runs as many query heads per pass over a KV head's pages as keep 12 vectors of queries in
+# registers (3 heads of 64 with AVX-512, 1 with AVX2), split evenly: groups of 4 (2 passes), 8 wide heads (one a
+# pass), 12 (4 passes of 3) and heads of 40 (vector tails; 2 a pass) cover the splits of both widths.
 NATIVE_CASES = REFERENCE_CASES + [
     pytest.param([40, 7, 129], 32, 8, 64, 16, id="gqa32/8-d64"),
     pytest.param([30, 90], 16, 2, 128, 16, id="gqa16/2-d128"),
     pytest.param([17, 64], 12, 1, 64, 16, id="mqa12-d64"),
+    pytest.param([23, 50], 4, 2, 40, 16, id="gqa4/2-d40"),
 ]
 
 
@@ -220,17 +222,33 @@ def test_native_matches_naive(seq_lens, H, Hkv, D, S, page_dtype):
     query, key_cache, value_cache, block_tables, lens = make_paged_inputs(seq_lens, H, Hkv, D, S,
                                                                            seed=sum(seq_lens) * 13 + H + D)
     inputs = (query, key_cache.to(page_dtype), value_cache.to(page_dtype), block_tables, lens)
-    out = native_paged_decode_attention(*inputs, D**-0.5)
-    if out is None and page_dtype == torch.float16:
+    if page_dtype == torch.float16 and not native_kernels().native_has_half():
         pytest.skip("this CPU has no F16C: fp16 pages take the torch path (tested below)")
+    out = native_paged_decode_attention(*inputs, D**-0.5)
     assert out.dtype == torch.float32 and out.shape == query.shape
     torch.testing.assert_close(out.double(), naive_attention(*inputs, D**-0.5), atol=1e-5, rtol=1e-5)
+
+
+@native_required
+def test_native_reads_query_rows_in_place_from_a_wider_row():
+    """The decode query is a view into the fused qkv rows (rows H*D + 2*Hkv*D apart): read in place, same result."""
+    query, key_cache, value_cache, block_tables, lens = make_paged_inputs([30, 5, 77], 9, 3, 64, 16, seed=8)
+    qkv = torch.randn(3, (9 + 2 * 3) * 64)
+    qkv[:, :9 * 64] = query.reshape(3, -1)
+    strided = qkv[:, :9 * 64].view(3, 9, 64)
+    assert strided.stride(0) == 15 * 64
+    out = native_paged_decode_attention(strided, key_cache, value_cache, block_tables, lens, 0.125)
+    assert torch.equal(out, native_paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.125))
+    torch.testing.assert_close(out.double(), naive_attention(query, key_cache, value_cache, block_tables, lens, 0.125),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("page_dtype", [torch.float16, torch.bfloat16])
 def test_dispatcher_runs_fp32_queries_over_lower_precision_pages(page_dtype):
     """fp16 pages take the native kernel where it is built, bf16 the reference; both do fp32 math and return fp32."""
-    query, key_cache, value_cache, block_tables, lens = make_paged_inputs([10, 33, 70], 9, 3, 64, 16, seed=6)
+    # Unused slots hold finite garbage in the page dtype (the SDPA path's precondition; 1e30 would be fp16 inf).
+    query, key_cache, value_cache, block_tables, lens = make_paged_inputs([10, 33, 70], 9, 3, 64, 16, seed=6,
+                                                                           garbage=1e3)
     inputs = (query, key_cache.to(page_dtype), value_cache.to(page_dtype), block_tables, lens)
     out = pa.paged_decode_attention(*inputs, 0.125)
     assert out.dtype == torch.float32

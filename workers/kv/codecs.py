@@ -103,8 +103,9 @@ class IdentityCodec(KVCodec):
 
     def decode_attention(self, query, pages, block_tables, seq_lens, scale, *, token_weights=None,
                          with_block_mass=False):
-        # An fp32 query attends over fp16/bf16 pages as it is: the math is fp32 on every path, and on the CPU the
-        # native kernel widens fp16 rows in registers (half the bytes of an fp32 cache to read).
+        # An fp32 query attends over fp16/bf16 pages as it is: on the CPU the math is fp32 on every path (the
+        # native kernel widens fp16 rows in registers: half the bytes of an fp32 cache to read); on CUDA the
+        # dispatcher hands Triton the query in the pages' dtype.
         model_dtype = query.dtype
         if model_dtype != torch.float32:
             query = query.to(self.dtype)

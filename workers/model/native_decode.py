@@ -23,7 +23,8 @@ from workers.kv.codecs import IdentityCodec, KVCodec, LayerPages
 from workers.model.block_quant_linear import BlockQuantLinear
 from workers.model.llama import LlamaForCausalLM
 
-_STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH = 2, 4  # paged_decode's; kv_write's bad slot is 2 as well
+# paged_decode's; kv_write's bad slot is 2 as well, quant_linear's bad format 1 (never, for weights built here)
+_STATUS_NO_MEMORY, _STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH, _STATUS_UNSUPPORTED = 1, 2, 4, 8
 
 
 class _QuantWeight(ctypes.Structure):
@@ -74,7 +75,11 @@ class NativeDecodeLayers:
                       config.intermediate_size)
         self.eps = model.layers[0].input_layernorm.eps
         self.scale = model.layers[0].self_attn.scale
-        self._pages = kv_pages  # the structs point into these arrays; the pool never reallocates them
+        # The structs hold raw pointers: keep everything they point into alive with them (the pool never
+        # reallocates its pages; nothing swaps a BlockQuantLinear once built).
+        self._pages = kv_pages
+        self._modules = [(layer.input_layernorm, layer.post_attention_layernorm, *_linears(layer))
+                         for layer in model.layers]
         self.layers = (_DecodeLayer * len(model.layers))()
         for struct, layer, pages in zip(self.layers, model.layers, kv_pages):
             attention, mlp = layer.self_attn, layer.mlp
@@ -105,7 +110,7 @@ class NativeDecodeLayers:
                 return None
             if not (key.is_contiguous() and value.is_contiguous()) or key.shape != value.shape:
                 return None
-            if key.shape != kv_pages[0]["key"].shape:
+            if key.shape != kv_pages[0]["key"].shape or key.shape[2:] != (model.config.num_kv_heads, head_dim):
                 return None
         eps = {float(m.eps) for layer in model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)}
         if len(eps) != 1:
@@ -119,15 +124,24 @@ class NativeDecodeLayers:
         return cls(model, codec, kv_pages, library)
 
     def applies(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        """Whether this step is one the module path would run entirely through the native kernels."""
-        return (0 < num_tokens <= self.max_rows and meta.num_decode_tokens == num_tokens and not meta.prefills
-                and meta.scores is None and meta.decode_block_tables is not None
-                and meta.decode_block_tables.dtype == torch.int32 and meta.decode_seq_lens.dtype == torch.int32
-                and meta.slot_mapping.dtype == torch.int64)
+        """Whether this step is one the module path would run entirely through the native kernels (C reads T rows
+        of every table it is given, so their shapes are checked here, as the module path's kernels check them)."""
+        if not (0 < num_tokens <= self.max_rows and meta.num_decode_tokens == num_tokens and not meta.prefills
+                and meta.scores is None and meta.decode_block_tables is not None):
+            return False
+        tables, lens, slots = meta.decode_block_tables, meta.decode_seq_lens, meta.slot_mapping
+        return (tables.dtype == torch.int32 and lens.dtype == torch.int32 and slots.dtype == torch.int64
+                and tables.dim() == 2 and tables.shape[0] == num_tokens and lens.shape == (num_tokens,)
+                and slots.shape == (num_tokens,)
+                and all(t.device.type == "cpu" for t in (tables, lens, slots)))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids [T], positions [T] -> final hidden states [T, E] (normed), as LlamaForCausalLM.forward."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+                ) -> torch.Tensor | None:
+        """input_ids [T], positions [T] -> final hidden states [T, E] (normed), as LlamaForCausalLM.forward; None
+        when a kernel could not run here (no memory for its scratch): the caller runs the step through the module
+        path, whose torch fallbacks take over. Rerunning is safe: every K/V row written so far is rewritten with
+        the same values."""
         model = self.model
         num_tokens = input_ids.shape[0]
         hidden_size, num_heads, num_kv_heads, head_dim, intermediate = self.shape
@@ -140,7 +154,8 @@ class NativeDecodeLayers:
         qkv_size = (num_heads + 2 * num_kv_heads) * head_dim
         widths = (hidden_size, qkv_size, num_heads * head_dim, hidden_size, 2 * intermediate, intermediate)
         # normed, qkv, attn, proj, gate_up, act: each [T, width] contiguous, in one allocation
-        scratch = torch.empty(num_tokens * sum(widths)).split([num_tokens * width for width in widths])
+        scratch = torch.empty(num_tokens * sum(widths), dtype=torch.float32).split(
+            [num_tokens * width for width in widths])
         step = _DecodeStep(
             num_tokens, hidden_size, num_heads, num_kv_heads, head_dim, intermediate, self.num_slots,
             self.block_size, block_tables.shape[1], self.eps, self.scale, self.half, torch.get_num_threads(),
@@ -149,6 +164,8 @@ class NativeDecodeLayers:
         status = self.library.decode_layers(hidden.data_ptr(), self.layers, len(self.layers), ctypes.byref(step))
         if status:
             layer, code = (status >> 8) - 1, status & 0xFF
+            if code & ~(_STATUS_NO_MEMORY | _STATUS_UNSUPPORTED) == 0:
+                return None
             if code & _STATUS_BAD_LENGTH:
                 raise AssertionError(f"layer {layer}: seq_lens: a sequence is longer than its block_tables row")
             if code & _STATUS_BAD_BLOCK:

@@ -8,7 +8,7 @@
  * reference_paged_decode_attention in kernels/paged_attention.py; kernels/cpu_native.py builds and calls this.
  *
  * Three passes per (sequence, KV head), in registers of the target's width (cpu_simd.h): scores, an exact softmax
- * (max, then exp and sum), then the probability-weighted sum of value rows. The query heads sharing the KV head go
+ * (max, then exp and sum), then the probability-weighted sum of value rows. Heads of 64 that share a KV head go
  * through each pass together, up to as many as fit in registers: every key and value row loaded serves all of
  * them, and their independent sums hide the multiply-add latency. A work item is one sequence with all its KV heads
  * when there are enough sequences to keep `num_threads` threads busy, else one (sequence, KV head). Either way every
@@ -149,30 +149,23 @@ static inline __attribute__((always_inline)) void attend(const int D, const int 
     }
 }
 
-/* attend() with D, GC and HALF as constants for the shapes that matter (64 and 128 wide heads). */
-#define ATTEND_HEADS(GC, HALF)                                                                          \
-    switch (D) {                                                                                        \
-        case 64: attend(64, GC, HALF, job, table, len, h, q, scores, padded, out); break;               \
-        case 128: attend(128, GC, HALF, job, table, len, h, q, scores, padded, out); break;             \
-        default: attend((int)D, GC, HALF, job, table, len, h, q, scores, padded, out);                  \
-    }
+/* attend() with D, GC and HALF as constants for the shapes that matter: heads of 64 (up to 3 a pass, AVX-512) and
+ * of 128 (one a pass on every target: 8+ vectors each). Other shapes take the generic body, D read at run time,
+ * one head at a time. Only these instances are built: each costs compile time (24 took 8 s to compile, these 10
+ * take 2.5 s). */
+#define ATTEND(DIM, GC, HALF) attend(DIM, GC, HALF, job, table, len, h, q, scores, padded, out)
 
 static void attend_group(const Job *job, int64_t group_size, const int32_t *table, int64_t len, int64_t h,
                          const float *q, float *scores, int64_t padded, float *out) {
-    const int64_t D = job->D;
-    if (job->half) {
-        switch (group_size) {
-            case 1: ATTEND_HEADS(1, 1) break;
-            case 2: ATTEND_HEADS(2, 1) break;
-            case 3: ATTEND_HEADS(3, 1) break;
-            default: ATTEND_HEADS(4, 1)
-        }
-    } else {
-        switch (group_size) {
-            case 1: ATTEND_HEADS(1, 0) break;
-            case 2: ATTEND_HEADS(2, 0) break;
-            case 3: ATTEND_HEADS(3, 0) break;
-            default: ATTEND_HEADS(4, 0)
+    const int D = (int)job->D, half = job->half;
+    if (D == 64 && group_size == 1) { if (half) ATTEND(64, 1, 1); else ATTEND(64, 1, 0); }
+    else if (D == 64 && group_size == 2) { if (half) ATTEND(64, 2, 1); else ATTEND(64, 2, 0); }
+    else if (D == 64 && group_size == 3) { if (half) ATTEND(64, 3, 1); else ATTEND(64, 3, 0); }
+    else if (D == 128 && group_size == 1) { if (half) ATTEND(128, 1, 1); else ATTEND(128, 1, 0); }
+    else {
+        /* one head at a time: the same sums in the same order as a grouped pass would make */
+        for (int64_t g = 0; g < group_size; g++, q += D, out += D) {
+            if (half) ATTEND(D, 1, 1); else ATTEND(D, 1, 0);
         }
     }
 }

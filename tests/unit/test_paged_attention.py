@@ -203,9 +203,9 @@ def test_dispatcher_uses_torch_paths_on_cpu(monkeypatch):
 native_required = pytest.mark.skipif(native_kernels() is None, reason="no C compiler: native kernels are off")
 
 
-# The native kernel runs as many query heads per pass over a KV head's pages as keep 12 vectors of queries in
-# registers (3 heads of 64 with AVX-512, 1 with AVX2), split evenly: groups of 4 (2 passes), 8 wide heads (one a
-# pass), 12 (4 passes of 3) and heads of 40 (vector tails; 2 a pass) cover the splits of both widths.
+# The native kernel runs as many query heads of 64 per pass over a KV head's pages as keep 12 vectors of queries
+# in registers (3 with AVX-512, 1 with AVX2), split evenly; heads of 128 and of other sizes go one at a time.
+# Groups of 4 (2 passes of 2), 8 wide heads, 12 (4 passes of 3) and heads of 40 (vector tails) cover each path.
 NATIVE_CASES = REFERENCE_CASES + [
     pytest.param([40, 7, 129], 32, 8, 64, 16, id="gqa32/8-d64"),
     pytest.param([30, 90], 16, 2, 128, 16, id="gqa16/2-d128"),

@@ -192,7 +192,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     roofline = max(matmul_gflops.values())
     vocab = model_config.vocab_size
     baseline = None
-    hf_batches = [1] + ([max(concurrency)] if max(concurrency) > 1 else [])
+    hf_batches = concurrency  # the same workload through transformers at every concurrency (batched generate)
     if not args.skip_baseline:
         _progress("loading the baseline: transformers (same checkpoint, same dtype)")
         baseline = TransformersBaseline(engine.loaded.path, dtype, args.prompt_len, args.decode_tokens, vocab)

@@ -95,6 +95,48 @@ static void dequant_q8(const int8_t *quants, const float *scales, int64_t KB, in
     }
 }
 
+/* One row (a single decode stream): acc [32] = x [K] @ the panel's weights, each weight dequantized in registers
+ * and used at once, never stored (the tiled path writes and rereads an L1 buffer, which for one row costs more
+ * than the multiply). The weights, the multiply-adds and their order are the tile's, so the result is the one the
+ * row would get in any batch. */
+static void gemv_q4(const uint8_t *quants, const float *scales, const float *mins, int64_t KB, int64_t p,
+                    const float *x, float *acc) {
+    fvec a[NV];
+    for (int v = 0; v < NV; v++) a[v] = splat(0.0f);
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t block = p * KB + kb;
+        const float *d = scales + block * PANEL, *m = mins + block * PANEL;
+        const uint8_t *src = quants + block * (QBLOCK * PANEL / 2);
+        for (int k = 0; k < QBLOCK; k++) {
+            const float xv = x[kb * QBLOCK + k];
+            for (int j = 0; j < PANEL / 2; j += VEC) {
+                const ivec wide = widen_u8(src + k * (PANEL / 2) + j);
+                const fvec low = __builtin_convertvector(wide & 15, fvec) * loadv(d + j) + loadv(m + j);
+                const fvec high = __builtin_convertvector(wide >> 4, fvec) * loadv(d + 16 + j) + loadv(m + 16 + j);
+                a[j / VEC] += low * xv;
+                a[(16 + j) / VEC] += high * xv;
+            }
+        }
+    }
+    for (int v = 0; v < NV; v++) storev(acc + v * VEC, a[v]);
+}
+
+static void gemv_q8(const int8_t *quants, const float *scales, int64_t KB, int64_t p, const float *x, float *acc) {
+    fvec a[NV];
+    for (int v = 0; v < NV; v++) a[v] = splat(0.0f);
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t block = p * KB + kb;
+        const float *d = scales + block * PANEL;
+        const int8_t *src = quants + block * (QBLOCK * PANEL);
+        for (int k = 0; k < QBLOCK; k++) {
+            const float xv = x[kb * QBLOCK + k];
+            for (int j = 0; j < PANEL; j += VEC)
+                a[j / VEC] += __builtin_convertvector(widen_i8(src + k * PANEL + j), fvec) * loadv(d + j) * xv;
+        }
+    }
+    for (int v = 0; v < NV; v++) storev(acc + v * VEC, a[v]);
+}
+
 /* acc [rows, 32] += x [rows, kc] (row stride ldx) @ wbuf [kc, 32]. `rows` is a constant at every call site, so
  * the accumulators live in registers. */
 static inline __attribute__((always_inline)) void tile(const int rows, const float *x, int64_t ldx,
@@ -154,7 +196,9 @@ int quant_linear_f32(int format, const void *quants, const float *scales, const 
         for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
             const int64_t block_rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
             memset(acc, 0, sizeof(float) * block_rows * PANEL);
-            for (int64_t kb0 = 0; kb0 < KB; kb0 += KCHUNK / QBLOCK) {
+            if (M == 1 && format == 4) gemv_q4(quants, scales, mins, KB, p, x, acc);
+            if (M == 1 && format == 8) gemv_q8(quants, scales, KB, p, x, acc);
+            for (int64_t kb0 = 0; kb0 < KB && M > 1; kb0 += KCHUNK / QBLOCK) {
                 const int64_t num_blocks = KB - kb0 < KCHUNK / QBLOCK ? KB - kb0 : KCHUNK / QBLOCK;
                 if (format == 4)
                     dequant_q4(quants, scales, mins, KB, p, kb0, num_blocks, wbuf);

@@ -75,9 +75,10 @@ def test_bench_engine_prints_the_table_and_writes_json(tmp_path):
     model_dir = make_tiny_hf_checkpoint(tmp_path / "llama", "llama")
     out = tmp_path / "bench.json"
     result = run_cli("bench", "engine", "--model", str(model_dir), "--prompt-len", "16", "--decode-tokens", "4",
-                     "--concurrency", "1,2", "--rounds", "2", "--json", str(out))
+                     "--concurrency", "1,2,3", "--rounds", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "decode tok/s, 2 streams (vs HF batch 2)" in result.stdout and "best of: torch" in result.stdout
+    assert "decode tok/s, 3 streams (vs HF batch 3)" in result.stdout  # transformers runs every concurrency
     payload = json.loads(out.read_text())
     assert payload["matmul_roofline_gflops"] == max(payload["matmul_gflops_by_kernel"].values()) > 0
     assert payload["aggregate_decode_tok_s"]["2"] > 0 and payload["ratios"]["single_stream_vs_hf"] > 0

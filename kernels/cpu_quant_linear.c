@@ -12,7 +12,8 @@
  *
  * Why this shape: a decode step multiplies a few rows by every weight, so the weight bytes read are the cost;
  * 4.5-bit blocks are 7x fewer bytes than fp32. For each (panel, chunk of 64 k) the kernel dequantizes the
- * 32 columns into an L1 buffer once and runs every row of the call over it with a register-blocked tile.
+ * 32 columns into an L1 buffer once and runs every row of the call over it with a register-blocked tile; a call of
+ * one row skips the buffer (gemv_q4/gemv_q8), with the same weights and multiply-adds in the same order.
  *
  * Batch invariance: out[m, n] is accumulated by one thread, in k order from 0, with one fused multiply-add per
  * k, whatever M is and whichever tile the row falls in; a row's result never depends on the other rows.

@@ -188,7 +188,11 @@ class DecodeServer(EngineServer):
     async def _handoff(self, seq, request: DecodeRequest):
         """Import the prompt's KV from the prefill tier; None means: prefill locally (recompute)."""
         request_id = request.request_id
-        block_ids = await self.engine.call(lambda engine: engine.reserve_import(seq))
+        try:
+            block_ids = await self.engine.call(lambda engine: engine.reserve_import(seq))
+        except asyncio.CancelledError:
+            self._release_behind(request_id)  # the queued reservation still runs on the loop thread
+            raise
         if block_ids is None:
             return None  # our pool is short right now: the scheduler will queue a local prefill
         tag = next(self._tags)
@@ -209,6 +213,14 @@ class DecodeServer(EngineServer):
                 self.num_object_store_transfers += 1
             else:
                 nbytes = await asyncio.wait_for(receive, timeout=self.config.transfer_timeout_s)
+        except asyncio.CancelledError:
+            # The client left mid-handoff (deadline, disconnect). CancelledError is not an Exception: without this
+            # the reservation was never committed nor released (a leaked block per cancelled request).
+            prefill_response.cancel()
+            receive.add_done_callback(_consume_exception)
+            receive.cancel()
+            self._release_behind(request_id)
+            raise
         except Exception as exc:  # prefill died or refused, transfer failed or timed out, codecs differ
             prefill_response.cancel()
             receive.add_done_callback(_consume_exception)
@@ -228,6 +240,12 @@ class DecodeServer(EngineServer):
         self.metrics.record_transfer(nbytes, time.perf_counter() - started)
         seq.num_cached_tokens = ticket.num_cached_tokens  # the prefix hit happened on the prefill tier
         return self.engine.stream_imported(request_id, ticket.first_token_id, ticket.block_scores)
+
+    def _release_behind(self, request_id: str) -> None:
+        """Queue the reservation's release without waiting (our task is being cancelled). The engine runs calls in
+        order, so it lands after a reservation still queued; releasing an unknown id does nothing."""
+        release = asyncio.ensure_future(self.engine.call(lambda engine: engine.release_kv(request_id)))
+        release.add_done_callback(_consume_exception)
 
     def _receive(self, request_id: str, block_ids: list[int], tag: int) -> int:
         sender = self.transport.await_announcement(f"kv/{request_id}")  # "<prefill replica>#<epoch>"

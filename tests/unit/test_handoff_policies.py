@@ -34,6 +34,19 @@ class FailingResponse:
         self.cancelled = True
 
 
+class HangingResponse:
+    """A prefill call that never answers (a busy or stuck prefill tier)."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    def __await__(self):
+        return asyncio.Event().wait().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
 class NullMetrics:
     def record_transfer(self, *args):
         pass
@@ -43,8 +56,9 @@ class NullMetrics:
 
 
 @contextlib.contextmanager
-def decode_server(tiny_loaded, policy: str, error: Exception):
-    """A DecodeServer whose prefill tier fails with `error`; its engine loop is shut down on exit."""
+def decode_server(tiny_loaded, policy: str, error: Exception | None, response=None):
+    """A DecodeServer whose prefill tier fails with `error` (or answers with `response`); its engine loop is shut
+    down on exit."""
     server = DecodeServer.__new__(DecodeServer)  # skip __init__: no Serve replica context here
     server.config = ServeConfig.model_validate({"transfer_failure_policy": policy, "transfer_timeout_s": 1})
     server.engine = AsyncEngine(make_engine(tiny_loaded))
@@ -54,7 +68,7 @@ def decode_server(tiny_loaded, policy: str, error: Exception):
     server.num_transfers = server.num_transfer_failures = server.num_object_store_transfers = 0
     server.transfer_bytes = server._injected_transfer_failures = 0
     server._receive = lambda *args: (_ for _ in ()).throw(KVTransferError("no announcement"))
-    response = FailingResponse(error)
+    response = response or FailingResponse(error)
     server.prefill = SimpleNamespace(prefill=SimpleNamespace(remote=lambda request: response))
     server.response = response
     try:
@@ -105,3 +119,28 @@ def test_codec_mismatch_is_refused_before_any_work(tiny_loaded):
         assert prefill.engine.engine.pool.num_used_blocks == 0
     finally:
         prefill.engine.shutdown()
+
+
+def test_a_client_gone_mid_handoff_gives_the_reservation_back(tiny_loaded):
+    """Cancelled while waiting for the prefill tier (client deadline or disconnect): asyncio's CancelledError is not
+    an Exception, and nothing else would ever commit or release the reserved blocks."""
+    with decode_server(tiny_loaded, "recompute", None, response=HangingResponse()) as server:
+        pool = server.engine.engine.pool
+
+        async def cancel_mid_handoff():
+            task = asyncio.ensure_future(consume(server, REQUEST))
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if pool.num_used_blocks:
+                    break
+            assert pool.num_used_blocks > 0  # reserved, waiting on the prefill tier
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(500):  # the release runs on the engine's loop thread
+                if pool.num_used_blocks == 0:
+                    break
+                await asyncio.sleep(0.01)
+
+        asyncio.run(cancel_mid_handoff())
+        assert server.response.cancelled and pool.num_used_blocks == 0

@@ -79,6 +79,14 @@ class EngineServer:
         if not self.engine.is_alive:
             raise RuntimeError("engine loop is not running")
 
+    def _release_behind(self, request_id: str) -> None:
+        """Queue the release of a request's held or reserved blocks without waiting (our task is being cancelled).
+        The engine runs calls in order, so it lands after a hold or reservation still queued; releasing an unknown
+        id does nothing. The call is in the engine's inbox once the task takes its first step, so the task needs no
+        other reference."""
+        release = asyncio.ensure_future(self.engine.call(lambda engine: engine.release_kv(request_id)))
+        release.add_done_callback(_consume_exception)
+
 
 class PrefillServer(EngineServer):
     def __init__(self, config: ServeConfig):
@@ -106,11 +114,17 @@ class PrefillServer(EngineServer):
         stream = self.engine.generate(request.request_id, prompt_token_ids=request.prompt_token_ids, params=params,
                                       hold_kv=True, score_spec=request.score_spec)
         try:
-            async for output in stream:
-                first = output
-        finally:
-            await stream.aclose()
-        held = await self.engine.call(lambda engine: engine.held_kv(request.request_id))
+            try:
+                async for output in stream:
+                    first = output
+            finally:
+                await stream.aclose()
+            held = await self.engine.call(lambda engine: engine.held_kv(request.request_id))
+        except asyncio.CancelledError:
+            # The decode side gave up (its client left): a finished prefill may already hold its blocks, and only
+            # the release below would ever free them (CancelledError is not an Exception).
+            self._release_behind(request.request_id)
+            raise
         if held is None:
             raise KVTransferError(f"request {request.request_id!r} ended before its KV could be held")
         try:
@@ -240,12 +254,6 @@ class DecodeServer(EngineServer):
         self.metrics.record_transfer(nbytes, time.perf_counter() - started)
         seq.num_cached_tokens = ticket.num_cached_tokens  # the prefix hit happened on the prefill tier
         return self.engine.stream_imported(request_id, ticket.first_token_id, ticket.block_scores)
-
-    def _release_behind(self, request_id: str) -> None:
-        """Queue the reservation's release without waiting (our task is being cancelled). The engine runs calls in
-        order, so it lands after a reservation still queued; releasing an unknown id does nothing."""
-        release = asyncio.ensure_future(self.engine.call(lambda engine: engine.release_kv(request_id)))
-        release.add_done_callback(_consume_exception)
 
     def _receive(self, request_id: str, block_ids: list[int], tag: int) -> int:
         sender = self.transport.await_announcement(f"kv/{request_id}")  # "<prefill replica>#<epoch>"

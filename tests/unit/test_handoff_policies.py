@@ -144,3 +144,52 @@ def test_a_client_gone_mid_handoff_gives_the_reservation_back(tiny_loaded):
 
         asyncio.run(cancel_mid_handoff())
         assert server.response.cancelled and pool.num_used_blocks == 0
+
+
+class HangAfterFirstCall:
+    """The replica's AsyncEngine, except that the first call() (held_kv, once the prefill is done) returns only
+    when the task is cancelled: the prefill tier's window between holding the KV and sending it."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.inner, self.calls = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def call(self, fn):
+        result = await self.inner.call(fn)
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.Event().wait()
+        return result
+
+
+def test_a_prefill_cancelled_while_holding_its_kv_releases_it(tiny_loaded):
+    prefill = PrefillServer.__new__(PrefillServer)
+    prefill.layout, prefill._injected_failures = LAYOUT, 0
+    engine = AsyncEngine(make_engine(tiny_loaded))
+    prefill.engine = HangAfterFirstCall(engine)
+    pool = engine.engine.pool
+    request = PrefillRequest("p2", [5, 6, 7, 8, 9], REQUEST.params, PeerEndpoint("127.0.0.1", 1), "decode-0", LAYOUT,
+                             num_blocks=2, tag=1)
+
+    async def cancel_while_held():
+        task = asyncio.ensure_future(prefill.prefill(request))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if prefill.engine.calls:
+                break
+        assert prefill.engine.calls == 1 and pool.num_used_blocks > 0  # prefilled and held
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):  # the release runs on the engine's loop thread
+            if pool.num_used_blocks == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(cancel_while_held())
+        assert pool.num_used_blocks == 0
+    finally:
+        engine.shutdown()

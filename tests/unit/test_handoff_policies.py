@@ -77,6 +77,21 @@ def decode_server(tiny_loaded, policy: str, error: Exception | None, response=No
         server.engine.shutdown()
 
 
+async def until(condition, seconds: float = 5.0) -> None:
+    """Poll `condition` (state the engine's loop thread changes) until it holds or `seconds` pass."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def cancel_and_wait_for_release(task: asyncio.Future, pool) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await until(lambda: pool.num_used_blocks == 0)  # the release runs on the engine's loop thread
+
+
 async def consume(server, request) -> list[int]:
     return [t async for out in server.generate(request) for t in out.new_token_ids]
 
@@ -129,18 +144,9 @@ def test_a_client_gone_mid_handoff_gives_the_reservation_back(tiny_loaded):
 
         async def cancel_mid_handoff():
             task = asyncio.ensure_future(consume(server, REQUEST))
-            for _ in range(500):
-                await asyncio.sleep(0.01)
-                if pool.num_used_blocks:
-                    break
+            await until(lambda: pool.num_used_blocks > 0)
             assert pool.num_used_blocks > 0  # reserved, waiting on the prefill tier
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            for _ in range(500):  # the release runs on the engine's loop thread
-                if pool.num_used_blocks == 0:
-                    break
-                await asyncio.sleep(0.01)
+            await cancel_and_wait_for_release(task, pool)
 
         asyncio.run(cancel_mid_handoff())
         assert server.response.cancelled and pool.num_used_blocks == 0
@@ -175,18 +181,9 @@ def test_a_prefill_cancelled_while_holding_its_kv_releases_it(tiny_loaded):
 
     async def cancel_while_held():
         task = asyncio.ensure_future(prefill.prefill(request))
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if prefill.engine.calls:
-                break
+        await until(lambda: prefill.engine.calls > 0)
         assert prefill.engine.calls == 1 and pool.num_used_blocks > 0  # prefilled and held
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        for _ in range(500):  # the release runs on the engine's loop thread
-            if pool.num_used_blocks == 0:
-                break
-            await asyncio.sleep(0.01)
+        await cancel_and_wait_for_release(task, pool)
 
     try:
         asyncio.run(cancel_while_held())

@@ -79,13 +79,26 @@ class EngineServer:
         if not self.engine.is_alive:
             raise RuntimeError("engine loop is not running")
 
-    def _release_behind(self, request_id: str) -> None:
-        """Queue the release of a request's held or reserved blocks without waiting (our task is being cancelled).
-        The engine runs calls in order, so it lands after a hold or reservation still queued; releasing an unknown
-        id does nothing. The call is in the engine's inbox once the task takes its first step, so the task needs no
-        other reference."""
-        release = asyncio.ensure_future(self.engine.call(lambda engine: engine.release_kv(request_id)))
-        release.add_done_callback(_consume_exception)
+    def _release_behind(self, request_id: str, owner=None) -> None:
+        """Queue the release of a request's held or reserved blocks without waiting (our task may be being
+        cancelled). It is queued now, so it runs after a hold or reservation still queued; releasing an unknown id
+        does nothing, and with `owner` (the Sequence) only that sequence's blocks are freed, never those of another
+        request that took the same id."""
+        self.engine.post(lambda engine: engine.release_kv(request_id, owner))
+
+    def _release_after(self, writers: list[asyncio.Future], request_id: str, owner) -> None:
+        """Give the reservation back, its blocks only once every thread that may write into them has returned:
+        cancel() cannot stop a thread, and blocks freed under a late write could already belong to another
+        request. The id is free at once (a local prefill reuses it). Each writer is bounded by the transfer
+        timeout."""
+        pending = [writer for writer in writers if not writer.done()]
+        if not pending:
+            self._release_behind(request_id, owner)
+            return
+        self.engine.post(lambda engine: engine.detach_kv(request_id, owner))
+        finished = asyncio.gather(*pending, return_exceptions=True)
+        # kv.free of a sequence the id no longer names: the posted detach above ran first (one ordered queue).
+        finished.add_done_callback(lambda _: self.engine.post(lambda engine: engine.kv.free(owner)))
 
 
 class PrefillServer(EngineServer):
@@ -205,13 +218,17 @@ class DecodeServer(EngineServer):
         try:
             block_ids = await self.engine.call(lambda engine: engine.reserve_import(seq))
         except asyncio.CancelledError:
-            self._release_behind(request_id)  # the queued reservation still runs on the loop thread
+            self._release_behind(request_id, seq)  # the queued reservation still runs on the loop thread
             raise
         if block_ids is None:
             return None  # our pool is short right now: the scheduler will queue a local prefill
         tag = next(self._tags)
         started = time.perf_counter()
+        # Threads that may write into the reserved blocks: waited on through shield(), never cancelled (a thread
+        # cannot be), so that the blocks go back only when they are done.
         receive = asyncio.ensure_future(asyncio.to_thread(self._receive, request_id, block_ids, tag))
+        receive.add_done_callback(_consume_exception)
+        writers = [receive]
         prefill_response = self.prefill.prefill.remote(PrefillRequest(
             request_id=request_id, prompt_token_ids=request.prompt_token_ids, params=request.params,
             decode_endpoint=self.transport.endpoint, decode_replica=self.replica_id, layout=self.layout,
@@ -220,26 +237,24 @@ class DecodeServer(EngineServer):
             ticket: KVTicket = await asyncio.wait_for(_await(prefill_response),
                                                       timeout=self.config.transfer_timeout_s * 3)
             if ticket.payload is not None:
-                receive.add_done_callback(_consume_exception)  # the group path gave up; nobody awaits it
-                receive.cancel()
-                await asyncio.to_thread(unpack_blocks, ticket.payload, self.engine.engine.kv_pages, block_ids)
+                # The group path gave up (the receive thread ends at its own timeout); unpack the object instead.
+                unpack = asyncio.ensure_future(
+                    asyncio.to_thread(unpack_blocks, ticket.payload, self.engine.engine.kv_pages, block_ids))
+                writers.append(unpack)
+                await asyncio.shield(unpack)
                 nbytes = ticket.nbytes
                 self.num_object_store_transfers += 1
             else:
-                nbytes = await asyncio.wait_for(receive, timeout=self.config.transfer_timeout_s)
+                nbytes = await asyncio.wait_for(asyncio.shield(receive), timeout=self.config.transfer_timeout_s)
         except asyncio.CancelledError:
             # The client left mid-handoff (deadline, disconnect). CancelledError is not an Exception: without this
             # the reservation was never committed nor released (a leaked block per cancelled request).
             prefill_response.cancel()
-            receive.add_done_callback(_consume_exception)
-            receive.cancel()
-            self._release_behind(request_id)
+            self._release_after(writers, request_id, seq)
             raise
         except Exception as exc:  # prefill died or refused, transfer failed or timed out, codecs differ
             prefill_response.cancel()
-            receive.add_done_callback(_consume_exception)
-            receive.cancel()
-            await self.engine.call(lambda engine: engine.release_kv(request_id))
+            self._release_after(writers, request_id, seq)
             if isinstance(exc, CodecMismatchError):
                 raise
             self.num_transfer_failures += 1

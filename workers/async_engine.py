@@ -53,8 +53,8 @@ class _Call:
     """Run fn(engine) on the loop thread (engine state has one owner) and resolve the future."""
 
     fn: Callable[[Engine], Any]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | None  # None: posted, nobody waits for the result
+    loop: asyncio.AbstractEventLoop | None
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,12 @@ class AsyncEngine:
         future = loop.create_future()
         self._inbox.put(_Call(fn, future, loop))
         return await future
+
+    def post(self, fn: Callable[[Engine], Any]) -> None:
+        """Queue fn(engine) on the loop thread and return at once (no result; errors are dropped). It is in the
+        queue when this returns, so it runs after every command queued before it: usable from a task that is
+        being cancelled, where awaiting is no longer possible."""
+        self._inbox.put(_Call(fn, None, None))
 
     def _check_alive(self) -> None:
         if self._error is not None:
@@ -166,9 +172,13 @@ class AsyncEngine:
             try:
                 result = command.fn(self.engine)
             except Exception as exc:  # the caller's error, not the loop's
-                _call_soon(command.loop, _resolve, command.future, None, exc)
+                if command.future is not None:
+                    _call_soon(command.loop, _resolve, command.future, None, exc)
+                else:
+                    logger.warning("posted engine call failed: %r", exc)
             else:
-                _call_soon(command.loop, _resolve, command.future, result, None)
+                if command.future is not None:
+                    _call_soon(command.loop, _resolve, command.future, result, None)
         elif isinstance(command, _Commit):
             self._streams[command.request_id] = command
             try:

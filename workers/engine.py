@@ -207,14 +207,27 @@ class Engine:
         entry = self._held.get(request_id)
         return entry[1] if entry else None
 
-    def release_kv(self, request_id: str) -> bool:
-        """Free a held (prefill) or reserved (decode) request's blocks: after the transfer, or on its timeout."""
-        entry = self._held.pop(request_id, None)
-        seq = entry[0] if entry else self._importing.pop(request_id, None)
-        if seq is None:
-            return False
-        self.kv.free(seq)
-        return True
+    def release_kv(self, request_id: str, owner: Sequence | None = None) -> bool:
+        """Free a held (prefill) or reserved (decode) request's blocks: after the transfer, or on its timeout.
+        With `owner`, only if that sequence is the one holding them (a late release never frees the blocks of
+        another request that took the same id)."""
+        seq = self.detach_kv(request_id, owner)
+        if seq is not None:
+            self.kv.free(seq)
+        return seq is not None
+
+    def detach_kv(self, request_id: str, owner: Sequence | None = None) -> Sequence | None:
+        """Take a held or reserved request off its id without freeing its blocks (the id may be reused at once,
+        e.g. by a local prefill); the caller frees them with kv.free(seq) once nothing can write into them."""
+        entry = self._held.get(request_id)
+        seq = entry[0] if entry else self._importing.get(request_id)
+        if seq is None or (owner is not None and seq is not owner):
+            return None
+        if entry:
+            del self._held[request_id]
+        else:
+            del self._importing[request_id]
+        return seq
 
     # ---- disaggregation: decode side ----------------------------------------------------------------
     def reserve_import(self, seq: Sequence) -> list[int] | None:

@@ -190,3 +190,35 @@ def test_a_prefill_cancelled_while_holding_its_kv_releases_it(tiny_loaded):
         assert pool.num_used_blocks == 0
     finally:
         engine.shutdown()
+
+
+def test_reserved_blocks_wait_for_a_receive_thread_still_running(tiny_loaded):
+    """cancel() cannot stop the receive thread: the blocks it may still write into go back only once it returns,
+    never to another request first; the request id is free at once."""
+    import threading
+    import time
+
+    release_receive = threading.Event()
+
+    def slow_receive(*args):
+        release_receive.wait(5)
+        raise KVTransferError("no announcement")
+
+    with decode_server(tiny_loaded, "recompute", None, response=HangingResponse()) as server:
+        server._receive = slow_receive
+        pool, engine = server.engine.engine.pool, server.engine.engine
+
+        async def cancel_while_receiving():
+            task = asyncio.ensure_future(consume(server, REQUEST))
+            await until(lambda: pool.num_used_blocks > 0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await until(lambda: REQUEST.request_id not in engine._importing)
+            time.sleep(0.2)  # the loop thread has had every chance to free them: it must not
+            assert pool.num_used_blocks > 0 and REQUEST.request_id not in engine._importing
+            release_receive.set()
+            await until(lambda: pool.num_used_blocks == 0)
+
+        asyncio.run(cancel_while_receiving())
+        assert pool.num_used_blocks == 0

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 _SOURCES = ("cpu_paged_attention.c", "cpu_kv_write.c", "cpu_quant_linear.c", "cpu_fused.c", "cpu_decode_layers.c")
 _HEADERS = ("cpu_simd.h", "cpu_kernels.h")  # part of the cache key, not of the command line
-_STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH = 2, 4  # STATUS_* in the C source (others: the torch path runs instead)
-_STATUS_BAD_SLOT = 2  # kv_write's
+# STATUS_* bits the kernels return (cpu_*.c): no memory and unsupported mean "take the torch path"; a bad block
+# (kv_write: a bad slot) or length means the caller's tables are wrong, and raises as the torch paths do.
+STATUS_NO_MEMORY, STATUS_BAD_BLOCK, STATUS_BAD_LENGTH, STATUS_UNSUPPORTED = 1, 2, 4, 8
 # -fopenmp: the library needs libgomp.so.1, and in a torch process that soname is already torch's own copy, so
 # the kernels' parallel regions run on torch's intra-op threads (a second pool would fight them for the cores).
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-Wno-psabi")
@@ -154,13 +155,14 @@ def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, 
     seq_lens = seq_lens.contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
     status = library.paged_decode(
-        query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-        out.data_ptr(), N, B, H, Hkv, D, S, M, scale, int(key_cache.dtype == torch.float16), torch.get_num_threads())
+        query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),
+        seq_lens.data_ptr(), out.data_ptr(), N, B, H, Hkv, D, S, M, scale, int(key_cache.dtype == torch.float16),
+        torch.get_num_threads())
     # The kernel checks the tables before reading through them; what the torch paths refuse is refused here too.
-    if status & _STATUS_BAD_LENGTH:
+    if status & STATUS_BAD_LENGTH:
         raise AssertionError(f"seq_lens: a sequence is longer than its table row covers "
                              f"(block_tables has only {M} columns of {S} tokens)")
-    if status & _STATUS_BAD_BLOCK:
+    if status & STATUS_BAD_BLOCK:
         raise IndexError(f"block_tables: a sequence's block id is outside the pool's 0..{N - 1}")
     return out if status == 0 else None
 
@@ -197,6 +199,6 @@ def native_kv_write(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.
                               slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2],
                               key_pages.data_ptr(), value_pages.data_ptr(), num_slots,
                               int(key_pages.dtype == torch.float16))
-    if status == _STATUS_BAD_SLOT:
+    if status == STATUS_BAD_BLOCK:
         raise IndexError(f"slot_mapping: a slot is outside the pool's 0..{num_slots - 1}")
     return status == 0

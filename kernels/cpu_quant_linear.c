@@ -196,9 +196,14 @@ int quant_linear_f32(int format, const void *quants, const float *scales, const 
         const int64_t columns = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
         for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
             const int64_t block_rows = M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK;
-            memset(acc, 0, sizeof(float) * block_rows * PANEL);
-            if (M == 1 && format == 4) gemv_q4(quants, scales, mins, KB, p, x, acc);
-            if (M == 1 && format == 8) gemv_q8(quants, scales, KB, p, x, acc);
+            if (M == 1) { /* one row: no L1 buffer (same weights, same multiply-adds in the same order) */
+                if (format == 4)
+                    gemv_q4(quants, scales, mins, KB, p, x, acc);
+                else
+                    gemv_q8(quants, scales, KB, p, x, acc);
+            } else {
+                memset(acc, 0, sizeof(float) * block_rows * PANEL);
+            }
             for (int64_t kb0 = 0; kb0 < KB && M > 1; kb0 += KCHUNK / QBLOCK) {
                 const int64_t num_blocks = KB - kb0 < KCHUNK / QBLOCK ? KB - kb0 : KCHUNK / QBLOCK;
                 if (format == 4)

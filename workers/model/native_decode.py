@@ -4,7 +4,8 @@
 The module path (LlamaForCausalLM.forward) already runs every op of a CPU fp32 decode step as a native kernel; what
 is left between them is Python: ~15 module calls and ~40 tensor ops per layer, ~20% of a 32-stream step on 2 cores,
 during which the second core spins idle. This path makes the same kernel calls, in the same order and with the same
-thread count, from C, so its hidden states are bit-identical to the module path's (tests/reference/test_native_decode.py).
+thread count, from C, so its hidden states are bit-identical to the module path's
+(tests/reference/test_native_decode.py).
 
 It applies to a step only when the module path would take exactly those kernels: CPU fp32 model, every linear
 block-quantized, identity KV pages (fp32 or fp16), decode rows only (no prefill chunk), at most `max_rows` rows,
@@ -17,14 +18,12 @@ import ctypes
 
 import torch
 
-from kernels.cpu_native import native_kernels
+from kernels.cpu_native import (STATUS_BAD_BLOCK, STATUS_BAD_LENGTH, STATUS_NO_MEMORY, STATUS_UNSUPPORTED,
+                                native_kernels)
 from workers.attention import AttentionMetadata
 from workers.kv.codecs import IdentityCodec, KVCodec, LayerPages
 from workers.model.block_quant_linear import BlockQuantLinear
 from workers.model.llama import LlamaForCausalLM
-
-# paged_decode's; kv_write's bad slot is 2 as well, quant_linear's bad format 1 (never, for weights built here)
-_STATUS_NO_MEMORY, _STATUS_BAD_BLOCK, _STATUS_BAD_LENGTH, _STATUS_UNSUPPORTED = 1, 2, 4, 8
 
 
 class _QuantWeight(ctypes.Structure):
@@ -164,11 +163,11 @@ class NativeDecodeLayers:
         status = self.library.decode_layers(hidden.data_ptr(), self.layers, len(self.layers), ctypes.byref(step))
         if status:
             layer, code = (status >> 8) - 1, status & 0xFF
-            if code & ~(_STATUS_NO_MEMORY | _STATUS_UNSUPPORTED) == 0:
-                return None
-            if code & _STATUS_BAD_LENGTH:
+            if code & ~(STATUS_NO_MEMORY | STATUS_UNSUPPORTED) == 0:
+                return None  # (quant_linear's bad format is 1 too: never, for weights this class packed)
+            if code & STATUS_BAD_LENGTH:
                 raise AssertionError(f"layer {layer}: seq_lens: a sequence is longer than its block_tables row")
-            if code & _STATUS_BAD_BLOCK:
+            if code & STATUS_BAD_BLOCK:
                 raise IndexError(f"layer {layer}: a block id or slot is outside the pool")
             raise RuntimeError(f"layer {layer}: a native decode kernel failed (status {code})")
         return model.norm(hidden)

@@ -4,7 +4,7 @@ Configurations: the full cache (fp16 pages, no eviction) as the baseline; every 
 value-aware eviction at every budget on top of each compressed codec (the two ratios multiply).
 
 Each prompt is prefilled once per (codec, score spec) by a prefill engine and handed to one decode engine per
-configuration through the tiers' own handoff (workers/local_handoff.py): the decode engine evicts right after
+configuration through the tiers' own handoff (workers/handoff/local.py): the decode engine evicts right after
 the import, as a decode tier does, and decodes under its budget. The prefill engine's prefix cache means a
 prompt's next score spec only recomputes the observation window.
 
@@ -113,7 +113,7 @@ class Harness:
 
     def run(self, prompt: list[int], params) -> dict[str, list]:
         """Every configuration's outputs for one request (prefilled once per codec and score spec)."""
-        from workers.local_handoff import import_held, prefill_and_hold
+        from workers.handoff.local import import_held, prefill_and_hold
 
         groups: dict[tuple, list[LongCtxConfig]] = {}
         for config in self.configs:

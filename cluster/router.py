@@ -22,7 +22,8 @@ from ray.serve.exceptions import ReplicaUnavailableError
 from cluster.config import ServeConfig, UnknownTierError
 from cluster.metrics import RouterMetrics
 from cluster.convert import chat_messages, response_from_output, sampling_params_from_proto
-from cluster.records import CodecMismatchError, DecodeRequest, TransferFailedError
+from cluster.records import DecodeRequest
+from workers.handoff.records import CodecMismatchError, TransferFailedError
 from protos import inference_pb2 as pb
 from workers.model.loader import load_model_info
 from workers.sampling_params import InvalidRequestError

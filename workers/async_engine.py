@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterator, Callable
 
 import torch
@@ -109,6 +110,30 @@ class AsyncEngine:
         queue when this returns, so it runs after every command queued before it: usable from a task that is
         being cancelled, where awaiting is no longer possible."""
         self._inbox.put(_Call(fn, None, None))
+
+    # ---- the handoff's steps, each run between steps on the loop thread --------------------------------
+    async def reserve_import(self, seq: Sequence) -> list[int] | None:
+        return await self.call(partial(Engine.reserve_import, seq=seq))
+
+    async def held_kv(self, request_id: str):
+        return await self.call(partial(Engine.held_kv, request_id=request_id))
+
+    async def release_kv(self, request_id: str) -> bool:
+        return await self.call(partial(Engine.release_kv, request_id=request_id))
+
+    def release_behind(self, request_id: str, owner: Sequence | None = None) -> None:
+        """Queue the release of a request's held or reserved blocks without waiting (the caller may be being
+        cancelled). It runs after a hold or reservation still queued; with `owner`, only that sequence's blocks are
+        freed (never those of another request that took the same id since)."""
+        self.post(partial(Engine.release_kv, request_id=request_id, owner=owner))
+
+    def detach_behind(self, request_id: str, owner: Sequence) -> None:
+        """Queue: take the reservation off its id (free for reuse at once) but keep its blocks (free_behind)."""
+        self.post(partial(Engine.detach_kv, request_id=request_id, owner=owner))
+
+    def free_behind(self, seq: Sequence) -> None:
+        """Queue: free a detached sequence's blocks."""
+        self.post(partial(Engine.free_detached, seq=seq))
 
     def _check_alive(self) -> None:
         if self._error is not None:

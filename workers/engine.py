@@ -229,6 +229,10 @@ class Engine:
             del self._importing[request_id]
         return seq
 
+    def free_detached(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence that detach_kv took off its id (once nothing can write into them)."""
+        self.kv.free(seq)
+
     # ---- disaggregation: decode side ----------------------------------------------------------------
     def reserve_import(self, seq: Sequence) -> list[int] | None:
         """Reserve blocks for a prompt whose KV will be imported; None if the pool is short."""

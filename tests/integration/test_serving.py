@@ -1,7 +1,7 @@
 """Real local Ray cluster + real gRPC on a real port: disaggregated == unified == in-process engine.
 
 Two applications run side by side on one embedded Ray: `disagg` (prefill tier + decode tier, KV over
-a pairwise gloo group) and `unified` (one tier does both). Replicas ask fractional CPUs (2-core CI).
+a gloo channel per replica pair) and `unified` (one tier does both). Replicas ask fractional CPUs (2-core CI).
 """
 
 import socket
@@ -246,18 +246,19 @@ def test_client_cancel_mid_stream_frees_blocks_on_both_tiers(cluster):
         assert_request_freed_everywhere(serve, "disagg", ["DecodeServer-default", "PrefillServer"])
 
 
-def test_no_process_group_falls_back_to_the_object_store(cluster):
+def test_a_channel_that_cannot_carry_the_bytes_falls_back_to_the_object_store(cluster):
     stub, serve = cluster
     decode = handle(serve, "disagg", "DecodeServer-default")
     expected = list(call(stub, "disagg", greedy("The three primary colors are")).token_ids)
     before = decode.transfer_stats.remote().result()
-    decode.inject_transfer_failures.remote(1).result()  # the pair's group cannot be used for one request
+    # The channel cannot be used for one request.
+    handle(serve, "disagg", "PrefillServer").inject_channel_failures.remote(1).result()
     moved = call(stub, "disagg", greedy("The three primary colors are"))
     after = decode.transfer_stats.remote().result()
     assert list(moved.token_ids) == expected
     assert after["object_store_transfers"] == before["object_store_transfers"] + 1
     assert after["failures"] == before["failures"]
-    # The pair recovers (fresh epoch): later requests move KV over the group again.
+    # Later requests move KV over the channel again.
     for _ in range(2):
         call(stub, "disagg", greedy("Water boils at", 4))
     final = decode.transfer_stats.remote().result()

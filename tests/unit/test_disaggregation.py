@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.unit.test_engine import assert_no_blocks_held, make_engine, random_prompts
-from workers.local_handoff import import_held, prefill_and_hold
+from workers.handoff.local import import_held, prefill_and_hold
 from workers.sampling_params import SamplingParams
 from workers.sequence import FinishReason
 

@@ -1,12 +1,11 @@
-"""KV transfer: two real processes, a pairwise gloo group, encoded blocks arrive bit-identical."""
-
-import multiprocessing as mp
+"""KV transfer bytes: encoded blocks pack into one buffer and scatter back bit-identical (the channels that move
+them between processes: test_kv_channels.py)."""
 
 import pytest
 import torch
 
 from workers.kv.presets import make_codec
-from workers.kv.transfer import KVTransferError, KVTransport, block_nbytes, pack_blocks, unpack_blocks
+from workers.kv.transfer import KVTransferError, block_nbytes, layout_digest, pack_blocks, unpack_blocks
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 3, 12, 4, 2, 8
 
@@ -36,54 +35,6 @@ def test_pack_unpack_round_trip_is_exact():
         unpack_blocks(buffer[:-1], target, [0, 5, 11])
 
 
-def _sender(endpoint_queue, result_queue, dtype_name: str) -> None:
-    transport = KVTransport(timeout_s=30)
-    endpoint_queue.put((transport.endpoint.host, transport.endpoint.port))
-    pages = make_pages(getattr(torch, dtype_name), seed=1)
-    group = transport.serve_group("prefill-0->decode-0")
-    sent = transport.send(group, pages, [3, 1, 8, 4], tag=7)
-    result_queue.put(("sent", sent))
-
-
-def _receiver(endpoint_queue, result_queue, dtype_name: str) -> None:
-    from workers.kv.transfer import PeerEndpoint
-
-    host, port = endpoint_queue.get(timeout=30)
-    transport = KVTransport(timeout_s=30)
-    pages = make_pages(getattr(torch, dtype_name), seed=None)
-    group = transport.join_group(PeerEndpoint(host, port), "prefill-0->decode-0")
-    received = transport.recv(group, pages, [0, 10, 6, 2], tag=7)
-    expected = make_pages(getattr(torch, dtype_name), seed=1)
-    identical = all(torch.equal(e[[3, 1, 8, 4]].view(torch.uint8), g[[0, 10, 6, 2]].view(torch.uint8))
-                    for exp, got in zip(expected, pages) for e, g in zip(exp.tensors(), got.tensors()))
-    result_queue.put(("received", received, identical))
-
-
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_two_processes_gloo_blocks_arrive_bit_identical(dtype_name):
-    ctx = mp.get_context("spawn")
-    endpoint_queue, result_queue = ctx.Queue(), ctx.Queue()
-    sender = ctx.Process(target=_sender, args=(endpoint_queue, result_queue, dtype_name))
-    receiver = ctx.Process(target=_receiver, args=(endpoint_queue, result_queue, dtype_name))
-    sender.start()
-    receiver.start()
-    results = dict((r[0], r[1:]) for r in (result_queue.get(timeout=90) for _ in range(2)))
-    sender.join(30)
-    receiver.join(30)
-    nbytes = 4 * block_nbytes(make_pages(getattr(torch, dtype_name), seed=None))
-    assert results["sent"] == (nbytes,)
-    assert results["received"] == (nbytes, True)
-    assert sender.exitcode == 0 and receiver.exitcode == 0
-
-
-def test_unreachable_peer_is_a_clear_error():
-    from workers.kv.transfer import PeerEndpoint
-
-    transport = KVTransport(timeout_s=2)
-    with pytest.raises(KVTransferError, match="cannot reach KV peer"):
-        transport.join_group(PeerEndpoint("127.0.0.1", 1), "nobody")
-
-
 @pytest.mark.parametrize("name", ["tq-k4v3", "tq-k3v4+qjl"])
 def test_encoded_pages_round_trip_as_stored(name):
     """A quantized codec's pages (uint8 codes + fp16 scales, + QJL sign bytes and norms) travel byte for byte,
@@ -104,3 +55,10 @@ def test_encoded_pages_round_trip_as_stored(name):
         for s, d in zip(src.tensors(), dst.tensors()):
             assert s.dtype in (torch.uint8, torch.float16)
             assert torch.equal(s[[4, 1]].view(torch.uint8), d[[0, 2]].view(torch.uint8))
+
+
+def test_layout_digest_tells_page_formats_apart():
+    fp32, bf16 = make_pages(torch.float32, seed=None), make_pages(torch.bfloat16, seed=None)
+    assert layout_digest(fp32) == layout_digest(make_pages(torch.float32, seed=0))  # contents do not matter
+    assert layout_digest(fp32) != layout_digest(bf16)
+    assert 0 <= layout_digest(fp32) < 2**63

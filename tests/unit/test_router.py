@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from cluster.config import ServeConfig, UnknownTierError
-from cluster.records import CodecMismatchError, TransferFailedError
+from workers.handoff.records import CodecMismatchError, TransferFailedError
 from cluster.router import ModelNotFoundError, OverloadedError, Router, _status_for
 from protos import inference_pb2 as pb
 from workers.sampling_params import InvalidRequestError

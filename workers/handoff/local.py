@@ -1,6 +1,6 @@
 """The prefill -> decode handoff between two engines in one process (the tiers' protocol without Ray).
 
-The same steps the serving tiers take (cluster/servers.py), with the bytes moved by a local copy instead
+The same engine steps the serving tiers take (decode.py, prefill.py), with the bytes moved by a local copy instead
 of torch.distributed: prefill holds the prompt's encoded blocks (and the observation votes the decode
 side's eviction policy asked for), decode reserves blocks, the bytes move, decode commits and runs.
 Evals use it to prefill a prompt once and decode it under several eviction policies.

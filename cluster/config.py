@@ -82,6 +82,10 @@ class ServeConfig(_Strict):
     max_queued_requests: int = Field(256, ge=1, description="beyond this the Router answers RESOURCE_EXHAUSTED")
     max_migrations: int = Field(3, ge=0, description="times a stream may move to another decode replica")
     migration_timeout_s: float = Field(120.0, gt=0, description="how long a stream may wait for a live replica")
+    migration_replay_max_tokens: int = Field(
+        1024, ge=0, description="a migrated stream replays up to this many generated tokens one decode step each "
+                                "(exactly the tokens an undisturbed run gives); longer ones are re-prefilled with the "
+                                "prompt (one pass, may flip a near-tie)")
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> "ServeConfig":

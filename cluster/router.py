@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
@@ -26,6 +27,7 @@ from cluster.records import DecodeRequest
 from workers.handoff.records import CodecMismatchError, TransferFailedError
 from protos import inference_pb2 as pb
 from workers.model.loader import load_model_info
+from workers.outputs import RequestOutput
 from workers.sampling_params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -52,15 +54,21 @@ class Router:
         started = time.perf_counter()
         first_token_at = None
         generated: list[int] = []
+        sent_text: list[str] = []
         migrations = 0
         last_chunk_at = started
         stream = None
         finished = False
         try:
             while True:
-                stream = self._decode_stream(tier, decode_request, generated)
+                stream, num_replayed = self._decode_stream(tier, decode_request, generated)
+                replay = Replay(num_replayed, "".join(sent_text))
                 try:
                     async for output in stream:
+                        output = replay.strip(output)
+                        if output is None:
+                            continue
+                        sent_text.append(output.new_text)
                         now = time.perf_counter()
                         if first_token_at is None and output.new_token_ids:
                             first_token_at = now
@@ -102,11 +110,22 @@ class Router:
             self.metrics.queue_depth.set(self.in_flight)
 
     def _decode_stream(self, tier: str, request: DecodeRequest, generated: list[int]):
-        if generated:
-            request = dataclasses.replace(
-                request, prompt_token_ids=request.prompt_token_ids + generated,
-                params=dataclasses.replace(request.params, max_tokens=request.params.max_tokens - len(generated)))
-        return self.decode[tier].generate.remote(request)
+        """A stream of the request on a decode replica of `tier`, and how many of its first tokens to skip.
+
+        After a migration (`generated` non-empty) the new replica gets the prompt with the tokens so far forced:
+        they are computed one decode step each, through the same kernels as on the lost replica, so a greedy
+        (or seeded) stream continues with exactly the tokens an undisturbed run gives. Re-prefilling prompt +
+        tokens in one pass is faster but rounds differently and can flip a near-tie (measured: docs/operations);
+        it is used only past `migration_replay_max_tokens`."""
+        if not generated:
+            return self.decode[tier].generate.remote(request), 0
+        if len(generated) <= self.config.migration_replay_max_tokens:
+            forced = dataclasses.replace(request.params, forced_token_ids=tuple(generated))
+            return self.decode[tier].generate.remote(dataclasses.replace(request, params=forced)), len(generated)
+        request = dataclasses.replace(
+            request, prompt_token_ids=request.prompt_token_ids + generated,
+            params=dataclasses.replace(request.params, max_tokens=request.params.max_tokens - len(generated)))
+        return self.decode[tier].generate.remote(request), 0
 
     async def Complete(self, request: pb.GenerateRequest, grpc_context=None) -> pb.CompleteResponse:
         response = pb.CompleteResponse()
@@ -196,6 +215,31 @@ class Router:
             raise InvalidRequestError("prompt", f"prompt has {len(token_ids)} tokens; the context window is "
                                                 f"{self.max_model_len} (prompt + at least one generated token)")
         return token_ids
+
+
+@dataclass
+class Replay:
+    """A migrated stream's first outputs re-decode tokens the client already has (teacher-forced): drop them, and
+    send the text the lost replica had held back (a partial character, a possible stop string) once they end."""
+
+    num_tokens: int
+    text_sent: str
+    text_replayed: str = ""
+
+    def strip(self, output: RequestOutput) -> RequestOutput | None:
+        if self.num_tokens == 0:
+            return output
+        skipped = min(self.num_tokens, len(output.new_token_ids))
+        self.num_tokens -= skipped
+        # Outputs carry one token each here, so a replayed output's text is replayed text as a whole.
+        self.text_replayed += output.new_text if skipped == len(output.new_token_ids) else ""
+        text = output.new_text if skipped < len(output.new_token_ids) else ""
+        if self.num_tokens == 0 and self.text_replayed.startswith(self.text_sent):
+            text = self.text_replayed[len(self.text_sent):] + text
+        if skipped == len(output.new_token_ids) and not output.finished and not text:
+            return None
+        return dataclasses.replace(output, new_token_ids=output.new_token_ids[skipped:], new_text=text,
+                                   logprobs=output.logprobs[skipped:])
 
 
 # A replica that vanished mid-stream (killed, OOM, node lost): the request itself is fine, move it.

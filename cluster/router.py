@@ -220,24 +220,26 @@ class Router:
 @dataclass
 class Replay:
     """A migrated stream's first outputs re-decode tokens the client already has (teacher-forced): drop them, and
-    send the text the lost replica had held back (a partial character, a possible stop string) once they end."""
+    once they end send the text the client has not seen yet (what the lost replica held back: a partial character,
+    a possible stop string), computed on the replayed text as a whole so outputs of any size split right."""
 
     num_tokens: int
     text_sent: str
     text_replayed: str = ""
 
+    def __post_init__(self) -> None:
+        self.done = self.num_tokens == 0
+
     def strip(self, output: RequestOutput) -> RequestOutput | None:
-        if self.num_tokens == 0:
+        if self.done:
             return output
         skipped = min(self.num_tokens, len(output.new_token_ids))
         self.num_tokens -= skipped
-        # Outputs carry one token each here, so a replayed output's text is replayed text as a whole.
-        self.text_replayed += output.new_text if skipped == len(output.new_token_ids) else ""
-        text = output.new_text if skipped < len(output.new_token_ids) else ""
-        if self.num_tokens == 0 and self.text_replayed.startswith(self.text_sent):
-            text = self.text_replayed[len(self.text_sent):] + text
-        if skipped == len(output.new_token_ids) and not output.finished and not text:
+        self.text_replayed += output.new_text
+        if self.num_tokens > 0 and not output.finished:
             return None
+        self.done = True
+        text = self.text_replayed[len(self.text_sent):] if self.text_replayed.startswith(self.text_sent) else ""
         return dataclasses.replace(output, new_token_ids=output.new_token_ids[skipped:], new_text=text,
                                    logprobs=output.logprobs[skipped:])
 

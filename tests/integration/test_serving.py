@@ -345,3 +345,4 @@ def test_prometheus_metrics_are_exported(cluster):
     missing = [name for name in wanted if name not in text]
     assert not missing, f"not exported: {missing}"
     assert 'tier="default"' in text
+

@@ -99,3 +99,6 @@ def test_replay_drops_replayed_tokens_and_sends_text_the_lost_replica_held_back(
     assert replay.strip(output([3], " world")).new_text == " world"
     finished = Replay(num_tokens=1, text_sent="").strip(output([4], "x", finished=True))
     assert finished.finished and finished.new_token_ids == []  # a finish is never swallowed
+    # An output that straddles the end of the replay: only its new token and the unseen text go out.
+    straddling = Replay(num_tokens=1, text_sent=" Hello").strip(output([11, 12], " Hello world"))
+    assert straddling.new_token_ids == [12] and straddling.new_text == " world"

@@ -30,7 +30,7 @@ from cluster.chaos_client import probe_ttft, run_scenario, wait_until_reachable
 from cluster.chaos_plan import (ROUTER_DEPLOYMENT, SOAK_BASELINE, SOAK_FAULTY, ChaosOptions, plan_scenarios,
                                 pydoc_words)
 from cluster.chaos_report import (ChaosResult, PostCheck, ReplicaBlocks, ScenarioResult, check_targets,
-                                  count_identical, format_table, tally, unexpected)
+                                  count_identical, format_table, latency, tally, unexpected)
 from cluster.replicas import ReplicaError, call_each_replica, kill_replicas, list_replicas
 from cluster.rss_sampler import RssSampler, plot_rss, summarize
 
@@ -73,13 +73,13 @@ def run_chaos(options: ChaosOptions, target: str, app: str) -> ChaosResult:
             after = post_check(app, deployments, target, options)
             outcomes = tally(plan, results)
             result.scenarios.append(ScenarioResult(
-                name=plan.name, requests=len(plan.requests), outcomes=outcomes, identical=identical,
+                name=plan.name, requests=len(plan.requests), outcomes=outcomes, latency=latency(results),
+                identical=identical,
                 compared=compared, faults=events, wall_s=wall_s, after=after, failures=unexpected(plan, results)))
-            _progress(f"{plan.name}: {outcomes.by_outcome} in {wall_s:.1f} s; after: {after.blocks_in_use} blocks, "
-                      f"{after.seconds_to_zero if after.seconds_to_zero is not None else 'never'} s to 0, router "
-                      f"in flight {after.router_in_flight}, TTFT {after.ttft_ms and round(after.ttft_ms)} ms")
+            _progress(f"{plan.name}: {outcomes.by_outcome} in {wall_s:.1f} s; after: {describe(after)}")
         _progress("final check")
         result.final = post_check(app, deployments, target, options)
+        _progress(f"final: {describe(result.final)}")
     finally:
         result.rss = sampler.stop()
     result.rss_summary = summarize(result.rss)
@@ -89,6 +89,14 @@ def run_chaos(options: ChaosOptions, target: str, app: str) -> ChaosResult:
     result.wall_s = time.perf_counter() - started
     result.targets = check_targets(result, options.drain_timeout_s)
     return result
+
+
+def describe(check: PostCheck) -> str:
+    drained = "never" if check.seconds_to_zero is None else f"{check.seconds_to_zero:.1f} s"
+    recovered = "not in time" if check.recover_s is None else f"{check.recover_s:.1f} s"
+    ttft = "-" if check.ttft_ms is None else f"{check.ttft_ms:.0f} ms"
+    return (f"replicas answering after {recovered}; {check.blocks_in_use} blocks / {check.requests_in_engines} "
+            f"requests in engines, idle after {drained}; router in flight {check.router_in_flight}; TTFT {ttft}")
 
 
 def _kill(app: str, deployment: str) -> list[str]:
@@ -127,7 +135,9 @@ def wait_for_replicas(app: str, deployments: list[str], timeout_s: float) -> flo
     (Serve notices a killed replica at its next health check, then loads the model again)."""
     started = time.perf_counter()
     while True:
-        ready = all(
+        # Serve's view first: a replica still initializing answers a call with an error (and a logged traceback).
+        # It lags a kill by up to a health-check period, so every replica must answer too.
+        ready = deployments_healthy(app) and all(
             answers and not any(isinstance(a, ReplicaError) for a in answers.values())
             for answers in (call_each_replica(app, d, "kv_stats", timeout_s=5.0) for d in deployments))
         if ready:
@@ -135,6 +145,15 @@ def wait_for_replicas(app: str, deployments: list[str], timeout_s: float) -> flo
         if time.perf_counter() - started > timeout_s:
             return None
         time.sleep(0.5)
+
+
+def deployments_healthy(app: str) -> bool:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus, DeploymentStatus
+
+    status = serve.status().applications.get(app)
+    return status is not None and status.status == ApplicationStatus.RUNNING and all(
+        d.status == DeploymentStatus.HEALTHY for d in status.deployments.values())
 
 
 def kv_blocks(app: str, deployments: list[str]) -> tuple[dict[str, ReplicaBlocks], dict[str, str]]:

@@ -7,6 +7,7 @@ fixed) are both booleans in `ChaosResult.targets`, so turning a target into an a
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -55,10 +56,21 @@ class Outcomes:
 
 
 @dataclass
+class Latency:
+    """Client-side latencies of a scenario's streams that produced a token (a wedge shows as a large max)."""
+
+    ttft_p50_ms: float | None
+    ttft_max_ms: float | None
+    request_p50_s: float | None
+    request_max_s: float | None
+
+
+@dataclass
 class ScenarioResult:
     name: str
     requests: int
     outcomes: Outcomes
+    latency: Latency
     identical: int | None  # token-identical to the compared scenario (streams OK in both); None: not compared
     compared: int | None
     faults: list[FaultEvent]
@@ -102,6 +114,14 @@ def tally(plan: ScenarioPlan, results: list[StreamResult]) -> Outcomes:
         counts["MISSING"] += len(plan.requests) - len(by_index)
     return Outcomes(by_outcome=dict(sorted(counts.items())), failed_good=failed_good, incomplete=incomplete,
                     invalid_not_rejected=invalid_not_rejected)
+
+
+def latency(results: list[StreamResult]) -> Latency:
+    ttfts = [r.ttft_s * 1e3 for r in results if r.ttft_s is not None]
+    seconds = [r.seconds for r in results if r.ttft_s is not None]
+    return Latency(ttft_p50_ms=statistics.median(ttfts) if ttfts else None, ttft_max_ms=max(ttfts, default=None),
+                   request_p50_s=statistics.median(seconds) if seconds else None,
+                   request_max_s=max(seconds, default=None))
 
 
 def unexpected(plan: ScenarioPlan, results: list[StreamResult], limit: int = 5) -> list[str]:
@@ -169,9 +189,15 @@ def _seconds(value: float | None, timeout: float) -> str:
     return f">{timeout:.0f}" if value is None else f"{value:.1f}"
 
 
+def _spread(lat: Latency) -> str:
+    if lat.request_p50_s is None:
+        return "-"
+    return f"{lat.request_p50_s:.1f}/{lat.request_max_s:.1f}"
+
+
 def format_table(result: ChaosResult, drain_timeout_s: float, settle_timeout_s: float) -> str:
     rows = [("scenario", "reqs", "ok", "cancelled", "errors", "identical", "blocks after", "s to 0",
-             "router in flight", "TTFT before ms", "TTFT after ms", "wall s")]
+             "router in flight", "TTFT before ms", "TTFT after ms", "req s p50/max", "wall s")]
     for s in result.scenarios:
         o = s.outcomes.by_outcome
         errors = ", ".join(f"{k}:{v}" for k, v in o.items() if k not in (OK, CANCELLED)) or "-"
@@ -180,13 +206,13 @@ def format_table(result: ChaosResult, drain_timeout_s: float, settle_timeout_s: 
                      f"{s.after.blocks_in_use} ({s.after.requests_in_engines} req)",
                      _seconds(s.after.seconds_to_zero, max(drain_timeout_s, settle_timeout_s)),
                      "?" if s.after.router_in_flight is None else str(s.after.router_in_flight),
-                     _ms(result.ttft_before_ms), _ms(s.after.ttft_ms), f"{s.wall_s:.1f}"))
+                     _ms(result.ttft_before_ms), _ms(s.after.ttft_ms), _spread(s.latency), f"{s.wall_s:.1f}"))
     if result.final is not None:
         f = result.final
         rows.append(("final", "", "", "", "", "", f"{f.blocks_in_use} ({f.requests_in_engines} req)",
                      _seconds(f.seconds_to_zero, max(drain_timeout_s, settle_timeout_s)),
                      "?" if f.router_in_flight is None else str(f.router_in_flight), _ms(result.ttft_before_ms),
-                     _ms(f.ttft_ms), f"{result.wall_s:.1f}"))
+                     _ms(f.ttft_ms), "", f"{result.wall_s:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -114,8 +114,11 @@ class RssSampler:
         t_s = self.now()
         for label, process in list(self._processes.items()):
             try:
-                rss = process.memory_info().rss
-            except psutil.Error:  # killed: its replacement is a new label
+                # A killed replica lingers as a zombie (RSS 0) until Ray reaps it: not a sample.
+                rss = 0 if process.status() == psutil.STATUS_ZOMBIE else process.memory_info().rss
+            except psutil.Error:
+                rss = 0
+            if rss == 0:  # gone: its replacement is a new label
                 del self._processes[label]
                 continue
             self.trace.samples.append(RssSample(t_s=t_s, replica=label, pid=process.pid, rss_mb=rss / 2**20))

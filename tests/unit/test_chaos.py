@@ -12,7 +12,7 @@ from cluster.chaos_plan import (CANCEL_STORM, EXPECT_CANCELLED, EXPECT_INVALID, 
 from cluster.chaos_report import (BLOCKS_ZERO, GOOD_REQUESTS_COMPLETE, INVALID_PROMPTS_REJECTED, ROUTER_IDLE,
                                   SOAK_RATIO, STREAMS_IDENTICAL, TTFT_WITHIN, ChaosResult, Outcomes, PostCheck,
                                   ReplicaBlocks, ScenarioResult, check_targets, count_identical, format_table,
-                                  tally, unexpected)
+                                  latency, tally, unexpected)
 from cluster.rss_sampler import Boundary, RssSample, RssTrace, plot_rss, summarize
 
 SMALL = ChaosOptions(streams=4, stream_tokens=48, storm=16, storm_tokens=48, soak_requests=70, soak_concurrency=8,
@@ -125,6 +125,7 @@ def post(seconds_to_zero=0.4, in_flight=0, ttft=50.0, blocks=0):
 def scenario(name, after=None, identical=None, requests=4, wall_s=10.0, outcomes=None):
     return ScenarioResult(name=name, requests=requests,
                           outcomes=outcomes or Outcomes({"ok": requests}, 0, 0, 0),
+                          latency=latency([res(i) for i in range(requests)]),
                           identical=identical, compared=None if identical is None else requests,
                           faults=[FaultEvent("DecodeServer-default", True, 2.0, 4, ["abc"])], wall_s=wall_s,
                           after=after or post())
@@ -171,8 +172,10 @@ def test_json_shape_is_stable(tmp_path):
     document = json.loads(json.dumps(dataclasses.asdict(result)))
     assert list(document) == ["app", "target", "options", "ttft_before_ms", "scenarios", "final", "soak_ratio",
                               "rss", "rss_summary", "targets", "wall_s"]
-    assert list(document["scenarios"][0]) == ["name", "requests", "outcomes", "identical", "compared", "faults",
-                                              "wall_s", "after", "failures"]
+    assert list(document["scenarios"][0]) == ["name", "requests", "outcomes", "latency", "identical", "compared",
+                                              "faults", "wall_s", "after", "failures"]
+    assert document["scenarios"][0]["latency"] == {"ttft_p50_ms": 100.0, "ttft_max_ms": 100.0, "request_p50_s": 0.5,
+                                                   "request_max_s": 0.5}
     assert list(document["scenarios"][0]["after"]) == [
         "recover_s", "blocks", "blocks_in_use", "requests_in_engines", "seconds_to_zero", "router_in_flight",
         "unreachable", "ttft_ms"]
@@ -192,7 +195,7 @@ def test_table_rows_and_target_lines():
     result.targets = check_targets(result, 5.0)
     table = format_table(result, 5.0, 20.0)
     lines = table.splitlines()
-    assert lines[1].startswith("scenario") and "TTFT after ms" in lines[1]
+    assert lines[1].startswith("scenario") and "TTFT after ms" in lines[1] and "req s p50/max" in lines[1]
     assert any(line.startswith("kill-decode") and "4/4" in line for line in lines)
     assert any(line.startswith("final") for line in lines)
     assert "invariant good_requests_complete: yes" in table and "target soak_ratio_le_1.5: yes" in table

@@ -111,8 +111,10 @@ def post_check(app: str, deployments: list[str], target: str, options: ChaosOpti
     started = time.perf_counter()
     deadline = started + max(options.drain_timeout_s, options.settle_timeout_s)
     seconds_to_zero = None
+    first_poll = None
     while True:
         blocks, unreachable = kv_blocks(app, deployments)
+        first_poll = blocks if first_poll is None else first_poll
         in_flight = router_in_flight(app, unreachable)
         idle = not unreachable and in_flight == 0 and all(
             b.num_used_blocks == 0 and b.num_requests == 0 for b in blocks.values())
@@ -124,7 +126,8 @@ def post_check(app: str, deployments: list[str], target: str, options: ChaosOpti
         time.sleep(POLL_S)
     ttft = probe_ttft(target, app, TTFT_PROBE_PROMPT, options.ttft_probe_tokens, options.ttft_probes,
                       options.request_timeout_s)
-    return PostCheck(recover_s=recover_s, blocks=blocks, blocks_in_use=sum(b.num_used_blocks for b in blocks.values()),
+    return PostCheck(recover_s=recover_s, first_poll=first_poll, blocks=blocks,
+                     blocks_in_use=sum(b.num_used_blocks for b in blocks.values()),
                      requests_in_engines=sum(b.num_requests for b in blocks.values()),
                      seconds_to_zero=seconds_to_zero, router_in_flight=in_flight, unreachable=unreachable,
                      ttft_ms=ttft)
@@ -190,7 +193,8 @@ def add_chaos_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--app", default=None, help="Serve application name (default: tierserve)")
     group.add_argument("--config", default=None, help="ServeConfig YAML for the embedded app "
                                                       "(default: one decode tier, 0.25 CPU per replica)")
-    group.add_argument("--transfer-timeout-s", type=float, default=5.0, help="embedded app's KV transfer timeout")
+    group.add_argument("--transfer-timeout-s", type=float, default=5.0,
+                       help="embedded app's KV transfer timeout (without --config)")
     group.add_argument("--streams", type=int, default=defaults.streams, help="reference / kill-decode streams")
     group.add_argument("--stream-tokens", type=int, default=defaults.stream_tokens)
     group.add_argument("--prompt-words", type=int, default=defaults.prompt_words, help="words of real text a prompt")
@@ -241,7 +245,7 @@ def embedded_config(args: argparse.Namespace, grpc_port: int):
                 "decode_tiers": [{"name": args.decode_tier, **tier}], "transfer_timeout_s": args.transfer_timeout_s}
     if args.model:
         base["model"] = args.model
-    return ServeConfig.model_validate({**base, "grpc_port": grpc_port, "mode": "disaggregated"})
+    return ServeConfig.model_validate({**base, "grpc_port": grpc_port})
 
 
 def _free_port() -> int:
@@ -284,7 +288,7 @@ def run_chaos_bench(args: argparse.Namespace) -> int:
             print(f"tierserve: error: {why}", file=sys.stderr)
             return UNREACHABLE_EXIT
         result = run_chaos(options, target, app)
-        print(format_table(result, options.drain_timeout_s, options.settle_timeout_s))
+        print(format_table(result, options.drain_timeout_s, options.settle_timeout_s, options.recover_timeout_s))
         if args.json_out:
             write_outputs(result, args.json_out)
         return 0

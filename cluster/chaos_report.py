@@ -38,10 +38,13 @@ class PostCheck:
     """The app's state after a scenario: KV blocks on every replica, the Router's in-flight count, a fresh TTFT."""
 
     recover_s: float | None  # seconds until every deployment had answering replicas again (None: not in time)
-    blocks: dict[str, ReplicaBlocks]  # "<deployment>#<replica id>" -> at the last poll
+    first_poll: dict[str, ReplicaBlocks]  # "<deployment>#<replica id>" -> right after recovery (who held what)
+    blocks: dict[str, ReplicaBlocks]  # ... at the last poll
     blocks_in_use: int  # sum of num_used_blocks at the last poll
     requests_in_engines: int  # sum of num_requests at the last poll
-    seconds_to_zero: float | None  # blocks, engine requests and router in-flight all 0 after this long (None: never)
+    # Blocks, engine requests and router in-flight all 0 this long after recovery (None: not within the settle
+    # timeout). Counted from recovery: a replacement replica's load time is not a drain.
+    seconds_to_zero: float | None
     router_in_flight: int | None  # None: the Router did not answer
     unreachable: dict[str, str]  # replicas that did not answer kv_stats/stats, and why
     ttft_ms: float | None
@@ -195,21 +198,24 @@ def _spread(lat: Latency) -> str:
     return f"{lat.request_p50_s:.1f}/{lat.request_max_s:.1f}"
 
 
-def format_table(result: ChaosResult, drain_timeout_s: float, settle_timeout_s: float) -> str:
-    rows = [("scenario", "reqs", "ok", "cancelled", "errors", "identical", "blocks after", "s to 0",
+def format_table(result: ChaosResult, drain_timeout_s: float, settle_timeout_s: float,
+                 recover_timeout_s: float) -> str:
+    rows = [("scenario", "reqs", "ok", "cancelled", "errors", "identical", "recover s", "blocks after", "s to 0",
              "router in flight", "TTFT before ms", "TTFT after ms", "req s p50/max", "wall s")]
     for s in result.scenarios:
         o = s.outcomes.by_outcome
         errors = ", ".join(f"{k}:{v}" for k, v in o.items() if k not in (OK, CANCELLED)) or "-"
         rows.append((s.name, str(s.requests), str(o.get(OK, 0)), str(o.get(CANCELLED, 0)), errors,
                      "-" if s.identical is None else f"{s.identical}/{s.compared}",
+                     _seconds(s.after.recover_s, recover_timeout_s),
                      f"{s.after.blocks_in_use} ({s.after.requests_in_engines} req)",
                      _seconds(s.after.seconds_to_zero, max(drain_timeout_s, settle_timeout_s)),
                      "?" if s.after.router_in_flight is None else str(s.after.router_in_flight),
                      _ms(result.ttft_before_ms), _ms(s.after.ttft_ms), _spread(s.latency), f"{s.wall_s:.1f}"))
     if result.final is not None:
         f = result.final
-        rows.append(("final", "", "", "", "", "", f"{f.blocks_in_use} ({f.requests_in_engines} req)",
+        rows.append(("final", "", "", "", "", "", _seconds(f.recover_s, recover_timeout_s),
+                     f"{f.blocks_in_use} ({f.requests_in_engines} req)",
                      _seconds(f.seconds_to_zero, max(drain_timeout_s, settle_timeout_s)),
                      "?" if f.router_in_flight is None else str(f.router_in_flight), _ms(result.ttft_before_ms),
                      _ms(f.ttft_ms), "", f"{result.wall_s:.1f}"))
@@ -224,6 +230,10 @@ def format_table(result: ChaosResult, drain_timeout_s: float, settle_timeout_s: 
                        f"{s.name}: {event.deployment} kill skipped (every request had finished)")
         for line in s.failures:
             out.append(f"{s.name}: unexpected {line}")
+        held = {label: b for label, b in s.after.first_poll.items() if b.num_used_blocks or b.num_requests}
+        if held:
+            out.append(f"{s.name}: held right after it: " + ", ".join(
+                f"{label} {b.num_used_blocks} blocks / {b.num_requests} requests" for label, b in held.items()))
         for replica, why in s.after.unreachable.items():
             out.append(f"{s.name}: {replica} did not answer: {why}")
         if s.after.recover_s is None:

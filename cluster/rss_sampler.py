@@ -149,8 +149,9 @@ def plot_rss(trace: RssTrace, path: str, title: str) -> None:
     for index, boundary in enumerate(trace.boundaries):
         ax.axvspan(boundary.start_s, boundary.end_s, color=f"C{index % 10}", alpha=0.07)
         ax.axvline(boundary.start_s, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(boundary.start_s, 1.0, f" {boundary.scenario}", rotation=90, va="top", ha="left", fontsize=8,
-                transform=ax.get_xaxis_transform())
+        # Staggered: short scenarios sit close together.
+        ax.text(boundary.start_s, 0.99 - 0.2 * (index % 2), f" {boundary.scenario}", rotation=90, va="top",
+                ha="left", fontsize=8, transform=ax.get_xaxis_transform())
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("RSS (MiB)")
     ax.set_title(title)

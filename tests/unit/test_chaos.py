@@ -117,7 +117,8 @@ def test_identical_counts_only_streams_complete_in_both_runs():
 
 
 def post(seconds_to_zero=0.4, in_flight=0, ttft=50.0, blocks=0):
-    return PostCheck(recover_s=0.0, blocks={"PrefillServer#a": ReplicaBlocks(blocks, 0)}, blocks_in_use=blocks,
+    return PostCheck(recover_s=0.0, first_poll={"PrefillServer#a": ReplicaBlocks(blocks + 3, 1)},
+                     blocks={"PrefillServer#a": ReplicaBlocks(blocks, 0)}, blocks_in_use=blocks,
                      requests_in_engines=0, seconds_to_zero=seconds_to_zero, router_in_flight=in_flight,
                      unreachable={}, ttft_ms=ttft)
 
@@ -160,7 +161,7 @@ def test_targets_all_met():
 def test_each_target_can_be_missed(changes, missed):
     targets = check_targets(result_with(**changes), drain_timeout_s=5.0)
     assert not targets[missed]
-    table = format_table(dataclasses.replace(result_with(**changes), targets=targets), 5.0, 20.0)
+    table = format_table(dataclasses.replace(result_with(**changes), targets=targets), 5.0, 20.0, 120.0)
     assert f"{missed}: no" in table
 
 
@@ -177,8 +178,8 @@ def test_json_shape_is_stable(tmp_path):
     assert document["scenarios"][0]["latency"] == {"ttft_p50_ms": 100.0, "ttft_max_ms": 100.0, "request_p50_s": 0.5,
                                                    "request_max_s": 0.5}
     assert list(document["scenarios"][0]["after"]) == [
-        "recover_s", "blocks", "blocks_in_use", "requests_in_engines", "seconds_to_zero", "router_in_flight",
-        "unreachable", "ttft_ms"]
+        "recover_s", "first_poll", "blocks", "blocks_in_use", "requests_in_engines", "seconds_to_zero",
+        "router_in_flight", "unreachable", "ttft_ms"]
     assert list(document["scenarios"][0]["outcomes"]) == ["by_outcome", "failed_good", "incomplete",
                                                           "invalid_not_rejected"]
     assert document["scenarios"][1]["faults"][0] == {"deployment": "DecodeServer-default", "fired": True,
@@ -193,13 +194,14 @@ def test_json_shape_is_stable(tmp_path):
 def test_table_rows_and_target_lines():
     result = result_with()
     result.targets = check_targets(result, 5.0)
-    table = format_table(result, 5.0, 20.0)
+    table = format_table(result, 5.0, 20.0, 120.0)
     lines = table.splitlines()
     assert lines[1].startswith("scenario") and "TTFT after ms" in lines[1] and "req s p50/max" in lines[1]
     assert any(line.startswith("kill-decode") and "4/4" in line for line in lines)
     assert any(line.startswith("final") for line in lines)
     assert "invariant good_requests_complete: yes" in table and "target soak_ratio_le_1.5: yes" in table
     assert "soak wall time faulty/baseline: 1.40x" in table
+    assert "reference: held right after it: PrefillServer#a 3 blocks / 1 requests" in table
 
 
 def test_cli_parses_chaos_flags():

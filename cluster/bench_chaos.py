@@ -191,6 +191,8 @@ def add_chaos_options(parser: argparse.ArgumentParser) -> None:
                        help="attach to the app at this gRPC HOST:PORT (with --address) instead of starting one")
     group.add_argument("--address", default=None, help="the Ray cluster the attached app runs on")
     group.add_argument("--app", default=None, help="Serve application name (default: tierserve)")
+    group.add_argument("--connect-timeout-s", type=float, default=30.0,
+                       help="give up (exit 3) when the app does not answer gRPC Health within this")
     group.add_argument("--config", default=None, help="ServeConfig YAML for the embedded app "
                                                       "(default: one decode tier, 0.25 CPU per replica)")
     group.add_argument("--transfer-timeout-s", type=float, default=5.0,
@@ -248,6 +250,18 @@ def embedded_config(args: argparse.Namespace, grpc_port: int):
     return ServeConfig.model_validate({**base, "grpc_port": grpc_port})
 
 
+def _gcs_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why a HOST:PORT Ray address does not accept connections (None if it does, or is not HOST:PORT, e.g. auto)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"no Ray GCS at {address}: {exc}"
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -263,6 +277,8 @@ def run_chaos_bench(args: argparse.Namespace) -> int:
     embedded = args.grpc_target is None
     if not embedded and not args.address:
         raise ValueError("--target needs --address (the Ray cluster the app runs on)")
+    if embedded and (args.app or args.address):
+        raise ValueError("--app and --address attach to a running app: give --target too")
     app = args.app or APP_NAME
     try:
         if embedded:
@@ -273,17 +289,20 @@ def run_chaos_bench(args: argparse.Namespace) -> int:
             _progress(f"starting an embedded Ray with app {app!r} (gRPC on 127.0.0.1:{port})")
             start_serving(config, http_port=_free_port())
             target = f"127.0.0.1:{port}"
+            why = wait_until_reachable(target, app, timeout_s=args.connect_timeout_s)
         else:
-            _progress(f"attaching to Ray at {args.address}, app {app!r} at {args.grpc_target}")
-            try:
-                ray.init(address=args.address, configure_logging=False, log_to_driver=False)
-            except Exception as exc:  # ConnectionError and friends: nothing to attack
-                print(f"tierserve: error: cannot connect to Ray at {args.address}: {exc}", file=sys.stderr)
-                return UNREACHABLE_EXIT
             target = args.grpc_target
-        why = wait_until_reachable(target, app, timeout_s=30.0)
+            _progress(f"attaching to Ray at {args.address}, app {app!r} at {target}")
+            # Both checked before ray.init: it retries an unreachable GCS for minutes.
+            why = (wait_until_reachable(target, app, timeout_s=args.connect_timeout_s)
+                   or _gcs_unreachable(args.address, timeout_s=args.connect_timeout_s))
+            if why is None:
+                try:
+                    ray.init(address=args.address, configure_logging=False, log_to_driver=False)
+                except ConnectionError as exc:  # e.g. token auth (Ray 2.60's default) refused this driver
+                    why = f"cannot attach to Ray at {args.address}: {exc}"
         if why is None and not list_replicas(app):
-            why = f"no replicas of app {app!r} in the Ray cluster at {args.address}"
+            why = f"no replicas of app {app!r} in the Ray cluster at {args.address or 'the embedded Ray'}"
         if why is not None:
             print(f"tierserve: error: {why}", file=sys.stderr)
             return UNREACHABLE_EXIT

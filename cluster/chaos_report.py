@@ -163,7 +163,9 @@ def check_targets(result: ChaosResult, drain_timeout_s: float) -> dict[str, bool
         ROUTER_IDLE: all(c.router_in_flight == 0 for c in checks),
         TTFT_WITHIN: result.ttft_before_ms is not None and all(
             t is not None and t <= TTFT_FACTOR * result.ttft_before_ms for t in ttfts),
-        STREAMS_IDENTICAL: bool(kill_decode) and all(s.identical == s.requests for s in kill_decode),
+        # Vacuous unless the kill happened while the streams ran (too-short streams finish before --kill-after-s).
+        STREAMS_IDENTICAL: bool(kill_decode) and all(s.identical == s.requests and all(e.fired for e in s.faults)
+                                                     for s in kill_decode),
         SOAK_RATIO: result.soak_ratio is not None and result.soak_ratio <= SOAK_RATIO_MAX,
     }
 
@@ -179,6 +181,10 @@ def missed_by(result: ChaosResult, target: str, drain_timeout_s: float) -> list[
         return [n for n, c in named if c.ttft_ms is None or c.ttft_ms > TTFT_FACTOR * result.ttft_before_ms]
     if target == GOOD_REQUESTS_COMPLETE:
         return [s.name for s in result.scenarios if s.outcomes.failed_good or s.outcomes.incomplete]
+    if target == STREAMS_IDENTICAL:
+        return [f"{s.name} ({s.identical}/{s.requests} identical"
+                f"{'' if all(e.fired for e in s.faults) else ', kill skipped'})"
+                for s in result.scenarios if s.name == KILL_DECODE]
     if target == INVALID_PROMPTS_REJECTED:
         return [s.name for s in result.scenarios if s.outcomes.invalid_not_rejected]
     return []

@@ -154,6 +154,9 @@ def test_targets_all_met():
     (dict(ttft_before_ms=None), TTFT_WITHIN),
     (dict(soak_ratio=1.6), SOAK_RATIO),
     (dict(scenarios=[scenario(KILL_DECODE, identical=3)]), STREAMS_IDENTICAL),
+    (dict(scenarios=[dataclasses.replace(scenario(KILL_DECODE, identical=4),
+                                         faults=[FaultEvent("DecodeServer-default", False, None, 0)])]),
+     STREAMS_IDENTICAL),
     (dict(scenarios=[scenario(CANCEL_STORM, outcomes=Outcomes({"ok": 3, "INTERNAL": 1}, 1, 0, 0))]),
      GOOD_REQUESTS_COMPLETE),
     (dict(scenarios=[scenario(SOAK_BASELINE, outcomes=Outcomes({"ok": 4}, 0, 0, 1))]), INVALID_PROMPTS_REJECTED),
@@ -223,3 +226,21 @@ def test_cli_refuses_a_target_without_a_ray_address():
     from cluster.cli import main
 
     assert main(["bench", "chaos", "--target", "127.0.0.1:1"]) == 2
+
+
+def test_cli_exits_3_when_the_app_cannot_be_reached():
+    import socket
+
+    from cluster.cli import main
+
+    with socket.socket() as sock:  # a port nobody listens on (bound, not listening)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        assert main(["bench", "chaos", "--target", f"127.0.0.1:{port}", "--address", f"127.0.0.1:{port}",
+                     "--connect-timeout-s", "1"]) == 3
+
+
+def test_cli_refuses_attach_flags_without_a_target():
+    from cluster.cli import main
+
+    assert main(["bench", "chaos", "--app", "demo"]) == 2

@@ -128,14 +128,14 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     prompt_lens = [int(x) for x in args.prompt_lens.split(",")]
     output_lens = [int(x) for x in args.output_lens.split(",")]
     tier = {"num_cpus": 0.25}
-    common = {"model": args.model, "grpc_port": args.grpc_port, "engine": {"kv_cache_memory_mb": 256},
+    common = {"model": args.model, "grpc_port": args.grpc_port or 9000, "engine": {"kv_cache_memory_mb": 256},
               "prefill": {"name": "prefill", **tier}}
     disagg = ServeConfig.model_validate({**common, "mode": "disaggregated", "decode_tiers": [{"name": "default", **tier}]})
     unified = ServeConfig.model_validate({**common, "mode": "unified", "decode_tiers": [{"name": "default", **tier}]})
     _progress("starting an embedded Ray with a disaggregated and a unified app")
     start_serving(disagg, extra_apps={UNIFIED_APP: unified})
     _, tokenizer, path = load_model_info(args.model)
-    target = f"127.0.0.1:{args.grpc_port}"
+    target = f"127.0.0.1:{args.grpc_port or 9000}"
     result = ServeBenchResult(model=path, prompt_lens=prompt_lens, output_lens=output_lens)
     decode = serve.get_deployment_handle("DecodeServer-default", app_name=DISAGG_APP)
     for app, mode in ((DISAGG_APP, "disaggregated"), (UNIFIED_APP, "unified")):

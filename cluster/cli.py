@@ -124,6 +124,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from cluster.bench_engine import run_engine_bench
 
         return run_engine_bench(args)
+    if args.target == "chaos":
+        from cluster.bench_chaos import run_chaos_bench
+
+        return run_chaos_bench(args)
     from cluster.bench_serve import run_serve_bench
 
     return run_serve_bench(args)
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="benchmarks (table on stdout, JSON with --json)")
-    bench.add_argument("target", choices=["engine", "serve"])
+    bench.add_argument("target", choices=["engine", "serve", "chaos"])
     bench.add_argument("--json", dest="json_out", default=None, help="write results here")
     bench.add_argument("--prompt-len", type=int, default=128, help="engine: prompt tokens")
     bench.add_argument("--decode-tokens", type=int, default=64, help="engine: tokens decoded per stream")
@@ -208,8 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-lens", default="32,128,512", help="serve: prompt length mix (tokens)")
     bench.add_argument("--output-lens", default="16,64", help="serve: output length mix (tokens)")
     bench.add_argument("--requests-per-client", type=int, default=2, help="serve: requests per client per level")
-    bench.add_argument("--grpc-port", type=int, default=9000, help="serve: port of the embedded server")
+    bench.add_argument("--grpc-port", type=int, default=None,
+                       help="serve/chaos: port of the embedded server (serve: 9000; chaos: a free port)")
     _add_engine_options(bench)
+    from cluster.bench_chaos import add_chaos_options
+
+    add_chaos_options(bench)
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")

@@ -33,6 +33,7 @@ class EngineDeadError(RuntimeError):
 @dataclass(frozen=True)
 class _Add:
     seq: Sequence
+    score_spec: ScoreSpec | None  # block scores a decode tier wants computed here (prefill role)
     stream: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -81,10 +82,9 @@ class AsyncEngine:
                        score_spec: ScoreSpec | None = None) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs until the request finishes. Closing the iterator early aborts the request."""
         self._check_alive()
-        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, hold_kv,
-                                        score_spec)  # raises on bad input
+        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, hold_kv)  # raises on bad input
         stream: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Add(seq, stream, asyncio.get_running_loop()))
+        self._inbox.put(_Add(seq, score_spec, stream, asyncio.get_running_loop()))
         async for output in self._drain(request_id, stream):
             yield output
 
@@ -110,6 +110,11 @@ class AsyncEngine:
         queue when this returns, so it runs after every command queued before it: usable from a task that is
         being cancelled, where awaiting is no longer possible."""
         self._inbox.put(_Call(fn, None, None))
+
+    @property
+    def score_spec(self) -> ScoreSpec | None:
+        """How this engine's own requests keep eviction scores (a decode tier asks the prefill tier for them)."""
+        return self.engine.score_spec
 
     # ---- the handoff's steps, each run between steps on the loop thread --------------------------------
     async def reserve_import(self, seq: Sequence) -> list[int] | None:
@@ -215,7 +220,7 @@ class AsyncEngine:
             self._deliver(output)
         elif isinstance(command, _Add):
             try:
-                self.engine.add_sequence(command.seq)
+                self.engine.add_sequence(command.seq, command.score_spec)
             except Exception as exc:  # duplicate request id and the like: tell that caller only
                 _put(command.loop, command.stream, _Rejected(exc))
                 return

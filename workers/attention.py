@@ -9,12 +9,29 @@ Invariant: a token's K/V is written to its slot before any query attends to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from workers.kv.block_scores import ScoreCollector, Weighting, observation_block_mass, value_weights
 from workers.kv.codecs import KVCodec, LayerPages
+
+
+class AttentionProbe(Protocol):
+    """What a step hook (eviction scoring: workers/kv/block_scores.ScoreCollector) sees of the attention: the
+    values as written, every decode row's attention mass per block, an observation window's queries. Attention
+    calls it at these points and knows nothing of what it does with them."""
+
+    collect_decode: bool  # decode rows report their per-block attention mass this step
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, value: torch.Tensor) -> None: ...
+
+    def decode_weights(self, layer: int) -> torch.Tensor | None: ...
+
+    def add_decode(self, mass: torch.Tensor) -> None: ...
+
+    def observe(self, observer: int, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                scale: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -23,8 +40,8 @@ class PrefillChunk:
     query_len: int  # tokens computed this step
     context_len: int  # tokens already in the cache before this chunk (prefix hit or earlier chunks)
     block_ids: torch.Tensor  # [ceil((context_len + query_len) / S)] int64, the sequence's blocks in order
-    observe_window: int = 0  # the chunk's last queries that vote for the blocks to keep (end of prefill)
-    observe_weighting: Weighting = "none"
+    observe_window: int = 0  # the chunk's last queries that the probe observes (eviction's observation window)
+    observer: int = -1  # who observes them: the request's index in the step (the probe's key)
 
 
 @dataclass(frozen=True)
@@ -34,7 +51,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [Bd, M] int32
     decode_seq_lens: torch.Tensor | None  # [Bd] int32, including the token decoded this step
     prefills: tuple[PrefillChunk, ...]
-    scores: ScoreCollector | None = None  # eviction by-products, when the engine keeps block scores
+    probe: AttentionProbe | None = None  # a step hook's view of the attention (eviction scores), or None
 
 
 def paged_attention(
@@ -47,20 +64,20 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     codec.write(pages, meta.slot_mapping, key, value)
-    scores = meta.scores
-    if scores is not None and scores.store is not None:
-        scores.store.write(pages.layer, meta.slot_mapping, value)
+    probe = meta.probe
+    if probe is not None:
+        probe.write(pages.layer, meta.slot_mapping, value)
     out = torch.empty_like(query)
     num_decode = meta.num_decode_tokens
     if num_decode:
         args = (query[:num_decode], pages, meta.decode_block_tables, meta.decode_seq_lens, scale)
-        if scores is not None and scores.collect_decode:
+        if probe is not None and probe.collect_decode:
             out[:num_decode], mass = codec.decode_attention(
-                *args, token_weights=scores.decode_weights(pages.layer), with_block_mass=True)
-            scores.add_decode(mass)
+                *args, token_weights=probe.decode_weights(pages.layer), with_block_mass=True)
+            probe.add_decode(mass)
         else:
             out[:num_decode] = codec.decode_attention(*args)
-    for chunk_index, chunk in enumerate(meta.prefills):
+    for chunk in meta.prefills:
         end = chunk.query_start + chunk.query_len
         chunk_query = query[chunk.query_start:end]
         if chunk.context_len == 0 and codec.lossless:
@@ -74,9 +91,8 @@ def paged_attention(
             chunk_key, chunk_value = chunk_key[:total_len], chunk_value[:total_len]
         out[chunk.query_start:end] = causal_attention(chunk_query, chunk_key, chunk_value, scale)
         if chunk.observe_window:
-            weights = value_weights(chunk_value, chunk.observe_weighting, scores.output_map(pages.layer))
-            scores.add_observation(chunk_index, observation_block_mass(
-                chunk_query[-chunk.observe_window:], chunk_key, weights, scale, scores.block_size))
+            probe.observe(chunk.observer, pages.layer, chunk_query[-chunk.observe_window:], chunk_key, chunk_value,
+                          scale)
     return out
 
 

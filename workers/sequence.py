@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.kv.block_scores import ScoreSpec
 from workers.sampling_params import SamplingParams
 
 
@@ -43,11 +42,12 @@ class Sequence:
     # Eviction drops whole full blocks from the middle of the table, so token p's K/V sits at table index
     # (p - num_evicted_tokens) // S; positions (RoPE) are unchanged, the keys were rotated when written.
     num_evicted_tokens: int = 0
-    score_spec: ScoreSpec | None = None  # how block_scores are fed (None: no scores kept)
-    block_scores: torch.Tensor | None = None  # [V, <= len(block_table)] float32 votes per voter and held block
     # Every known token has been computed since the sequence (re)started: prefill, or recompute after preemption,
-    # is over, the observation window has voted, and eviction may start.
+    # is over (an observation window has voted), and eviction may start.
     prefill_done: bool = False
+    # A prefix-cache hit leaves at least this many last prompt tokens to compute: one for its logits, or a whole
+    # observation window, whose queries vote (so a cached prompt is scored exactly like a fresh one).
+    min_uncached_tokens: int = 1
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule only)
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING

@@ -20,7 +20,7 @@ def test_decode_after_eviction_equals_transformers_with_the_evicted_tokens_maske
     engine.add_request("r", prompt_token_ids=prompt,
                        params=SamplingParams(max_tokens=1 + num_steps, temperature=0, ignore_eos=True, logprobs=5))
     first = engine.step()[0]
-    seq = engine._sequences["r"]
+    seq = engine.scheduler.requests["r"]
     evicted_blocks = [1, 3]  # tokens 16..31 and 48..63 leave every layer; positions of the rest are unchanged
     engine.kv.evict(seq, evicted_blocks)
     assert seq.num_evicted_tokens == 32 and len(seq.block_table) == 4

@@ -223,9 +223,9 @@ def test_a_prefix_cached_prompt_gets_the_same_observation_votes(tiny_loaded):
     votes = []
     for request_id in ("first", "again"):
         engine.add_request(request_id, prompt_token_ids=prompt, params=SamplingParams(max_tokens=3, temperature=0))
-        seq = engine._sequences[request_id]
+        seq = engine.scheduler.requests[request_id]
         engine.step()
-        votes.append(seq.block_scores)
+        votes.append(engine.eviction.scores_of(request_id))
         assert seq.num_cached_tokens == (0 if request_id == "first" else 48)  # 61 - 10 = 51 -> 12 full blocks
     torch.testing.assert_close(votes[1], votes[0], atol=1e-5, rtol=1e-5)
     assert float(votes[0].sum()) > 0
@@ -242,11 +242,11 @@ def test_prefill_chunking_changes_neither_votes_nor_tokens(tiny_loaded, name):
     for budget_tokens in (64, 32, 16):  # one chunk; 32 + 1; 16 + 16 + 1
         engine = make_engine(tiny_loaded, max_num_batched_tokens=budget_tokens, **options)
         engine.add_request("r", prompt_token_ids=prompt, params=params)
-        seq, votes, tokens = engine._sequences["r"], None, []
+        seq, votes, tokens = engine.scheduler.requests["r"], None, []
         while engine.has_unfinished():
             tokens += [t for output in engine.step() for t in output.new_token_ids]
             if votes is None and seq.prefill_done:
-                votes = seq.block_scores.clone()
+                votes = engine.eviction.scores_of("r")
         runs.append((votes, tokens, engine.kv_stats().num_evicted_blocks))
     for votes, tokens, num_evicted in runs[1:]:
         torch.testing.assert_close(votes, runs[0][0], atol=1e-5, rtol=1e-5)

@@ -296,7 +296,7 @@ def test_blocks_under_a_write_go_back_only_once_it_is_done(tiny_loaded):
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert await until(lambda: "r1" not in engine._importing)
+            assert await until(lambda: "r1" not in engine.scheduler.reserved)
             await asyncio.sleep(0.2)  # the loop thread has had every chance to free them: it must not
             still_held = t.decode_pool.num_used_blocks > 0
             receiver.done.set_result(40)  # the write ends

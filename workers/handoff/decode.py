@@ -87,7 +87,7 @@ class DecodeHandoff:
         call = self.prefill.prefill(PrefillRequest(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, params=seq.params,
             decode_endpoint=self.receiver.endpoint, decode_replica=self.replica_id, layout=self.layout,
-            num_blocks=len(block_ids), tag=pending.tag, score_spec=seq.score_spec))
+            num_blocks=len(block_ids), tag=pending.tag, score_spec=self.engine.score_spec))
         try:
             ticket: KVTicket = await asyncio.wait_for(_await(call), timeout=self.policy.timeout_s * 3)
             nbytes = await self._bytes_of(ticket, pending, block_ids)

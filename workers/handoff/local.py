@@ -21,8 +21,7 @@ def prefill_and_hold(prefill: Engine, request_id: str, prompt: list[int], params
                      score_spec: ScoreSpec | None = None) -> HeldKV:
     """Run the prompt on `prefill` and keep its blocks; the caller releases them (prefill.release_kv)."""
     prefill.add_sequence(prefill.make_sequence(request_id, prompt_token_ids=prompt,
-                                               params=replace(params, max_tokens=1), hold_kv=True,
-                                               score_spec=score_spec))
+                                               params=replace(params, max_tokens=1), hold_kv=True), score_spec)
     while (held := prefill.held_kv(request_id)) is None:
         if not prefill.has_unfinished():
             raise RuntimeError(f"request {request_id!r} ended without holding its KV")

@@ -15,8 +15,9 @@ do not drown the others. The weights:
 
 Votes come from two places: the observation window (the prompt's last W queries, at the end of prefill --
 they have read the question, so the needle gets its votes; SnapKV) and every decode step. A policy picks
-which of the two it uses (``ScoreSpec``). Scores live on the Sequence, beside its block table, one row per
-voter (layer, KV head): a policy decides how to combine them (a sum, or the largest share any voter gives).
+which of the two it uses (``ScoreSpec``). Scores live in the eviction hook (workers/kv/eviction_hook.py), one
+row per voter (layer, KV head) and held block: a policy decides how to combine them (a sum, or the largest
+share any voter gives).
 
 The weights are computed from the values as the model produced them, before a lossy codec encodes them (and
 from the decoded pages for an imported prompt): a weight steers which block to keep, and the codec's error
@@ -128,14 +129,22 @@ def observation_block_mass(query: torch.Tensor, key: torch.Tensor, weights: torc
 
 @dataclass
 class ScoreCollector:
-    """One step's score by-products, filled layer by layer by the attention and handed back to the engine."""
+    """One step's score by-products, filled layer by layer by the attention (an AttentionProbe) and read back by
+    the eviction hook. Observations are keyed by the observer: the index of the request in the step's ModelInput."""
 
     block_size: int
     collect_decode: bool  # decode rows report their block mass this step
     store: TokenWeightStore | None  # engine-wide value weights (written for every token), or None
     maps: list[torch.Tensor] | None = None  # output maps for output-weighted observation windows
+    weightings: dict[int, Weighting] = field(default_factory=dict)  # observer -> how its window's votes are weighted
     decode_layers: list[torch.Tensor] = field(default_factory=list)  # per layer [Bd, Hkv, M] votes
-    observed_layers: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # chunk index -> per layer [Hkv, nb]
+    observed_layers: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # observer -> per layer [Hkv, nb]
+
+    # ---- the AttentionProbe side (workers/attention.py calls these) ----
+    def write(self, layer: int, slot_mapping: torch.Tensor, value: torch.Tensor) -> None:
+        """The step's values were written to their slots: weigh them too (value-aware scores)."""
+        if self.store is not None:
+            self.store.write(layer, slot_mapping, value)
 
     def decode_weights(self, layer: int) -> torch.Tensor | None:
         return self.store.arrays[layer] if self.store is not None else None
@@ -144,17 +153,24 @@ class ScoreCollector:
         """mass [Bd, Hkv, M] from one layer's decode attention."""
         self.decode_layers.append(mass / mass.sum(-1, keepdim=True).clamp_min(1e-30))
 
-    def add_observation(self, chunk_index: int, mass: torch.Tensor) -> None:
-        self.observed_layers.setdefault(chunk_index, []).append(mass)
+    def observe(self, observer: int, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                scale: float) -> None:
+        """query [W, H, D]: the window's queries, the last W positions of key/value [Tk, Hkv, D]."""
+        weights = value_weights(value, self.weightings.get(observer, "none"), self.output_map(layer))
+        self.add_observation(observer, observation_block_mass(query, key, weights, scale, self.block_size))
+
+    # ---- the hook side ----
+    def add_observation(self, observer: int, mass: torch.Tensor) -> None:
+        self.observed_layers.setdefault(observer, []).append(mass)
 
     @property
     def decode_mass(self) -> torch.Tensor | None:
         """[Bd, V, M]: one row of votes per voter (layer, KV head), V = L * Hkv."""
         return torch.cat(self.decode_layers, dim=1) if self.decode_layers else None
 
-    def observed(self, chunk_index: int) -> torch.Tensor:
-        """[V, nb] the chunk's observation votes per voter (layer, KV head)."""
-        return torch.cat(self.observed_layers[chunk_index], dim=0)
+    def observed(self, observer: int) -> torch.Tensor:
+        """[V, nb] the observer's window votes per voter (layer, KV head)."""
+        return torch.cat(self.observed_layers[observer], dim=0)
 
     def output_map(self, layer: int) -> torch.Tensor | None:
         return self.maps[layer] if self.maps is not None else None

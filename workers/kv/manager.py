@@ -7,8 +7,6 @@ engine asks its EvictionPolicy which); a preempted sequence gives back all its b
 
 from __future__ import annotations
 
-import torch
-
 from workers.kv.block_pool import BlockHash, BlockPool, hash_block_tokens
 from workers.sequence import Sequence
 
@@ -25,15 +23,13 @@ class KVCacheManager:
     def find_prefix_hit(self, seq: Sequence) -> tuple[list[int], int]:
         """Cached blocks holding a prefix of seq's tokens, and how many tokens they cover.
 
-        The last token is never served from cache: its logits are needed to sample the next token. A sequence
-        that keeps eviction scores also computes its observation window's tokens (their queries vote), so a
-        cached prompt is scored exactly like a fresh one.
+        The last seq.min_uncached_tokens tokens (at least the last: its logits sample the next token) are never
+        served from cache.
         """
         if not self.pool.enable_prefix_caching:
             return [], 0
         token_ids = seq.token_ids
-        num_to_compute = 1 if seq.score_spec is None else max(1, seq.score_spec.observe_window)
-        max_full_blocks = max(0, len(token_ids) - num_to_compute) // self.block_size
+        max_full_blocks = max(0, len(token_ids) - seq.min_uncached_tokens) // self.block_size
         hit_blocks: list[int] = []
         parent: BlockHash | None = None
         for index in range(max_full_blocks):
@@ -80,16 +76,13 @@ class KVCacheManager:
             self.pool.cache_block(seq.block_table[index], parent)
 
     def evict(self, seq: Sequence, indices: list[int]) -> None:
-        """Drop the blocks at these block-table indices (full blocks, never the last) and their scores."""
+        """Drop the blocks at these block-table indices (full blocks, never the last)."""
         if not indices:
             return
         assert indices[-1] < len(seq.block_table) - 1, "the block being written is never evicted"
         dropped = set(indices)
         self.pool.free(seq.block_table[index] for index in indices)
         seq.block_table = [block for index, block in enumerate(seq.block_table) if index not in dropped]
-        if seq.block_scores is not None:
-            keep = torch.tensor([index not in dropped for index in range(seq.block_scores.shape[-1])])
-            seq.block_scores = seq.block_scores[:, keep]
         seq.num_evicted_tokens += len(indices) * self.block_size
 
     def free(self, seq: Sequence) -> None:
@@ -97,8 +90,6 @@ class KVCacheManager:
         self.pool.free(reversed(seq.block_table))
         seq.block_table = []
         seq.num_evicted_tokens = 0
-        seq.block_scores = None
-        seq.prefill_done = False
         self._block_hashes.pop(seq.request_id, None)
 
     def is_shared(self, block_id: int) -> bool:

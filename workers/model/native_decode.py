@@ -126,7 +126,7 @@ class NativeDecodeLayers:
         """Whether this step is one the module path would run entirely through the native kernels (C reads T rows
         of every table it is given, so their shapes are checked here, as the module path's kernels check them)."""
         if not (0 < num_tokens <= self.max_rows and meta.num_decode_tokens == num_tokens and not meta.prefills
-                and meta.scores is None and meta.decode_block_tables is not None):
+                and meta.probe is None and meta.decode_block_tables is not None):
             return False
         tables, lens, slots = meta.decode_block_tables, meta.decode_seq_lens, meta.slot_mapping
         return (tables.dtype == torch.int32 and lens.dtype == torch.int32 and slots.dtype == torch.int64

@@ -2,7 +2,7 @@
 # NBq=sign bytes per token per KV head (ceil(D / 8))
 """QJL residual: a 1-bit sketch of what the MSE codes missed, for unbiased key inner products (TurboQuant-prod).
 
-For one token of one KV head, in the keys' transformed space (kernels/kv_quant.py):
+For one token of one KV head, in the keys' transformed space (kernels/kv_quant_layout.py):
 
 * ``r = y - y_hat`` — the MSE codes' residual (``y_hat`` decoded from the stored codes and fp16 scales);
 * ``z = sign(P @ r)`` with ``P`` a fixed [D, D] standard Gaussian matrix per KV head; 0 counts as +1.

@@ -9,16 +9,13 @@ step hook. No Ray here: a plain process can own an Engine (tests, benchmarks, `t
 
 from __future__ import annotations
 
-import atexit
-import functools
-import gc
-import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from workers.config import EngineConfig
+from workers.gc_heap import freeze_gc_heap
 from workers.intake import RequestIntake
 from workers.kv.block_pool import BlockPool
 from workers.kv.block_scores import ScoreSpec, TokenWeightStore, output_maps
@@ -32,12 +29,10 @@ from workers.model.block_quant_linear import quantize_linears
 from workers.model.loader import LoadedModel, load_model
 from workers.model.packed_linear import pack_linears
 from workers.model_runner import ModelRunner
-from workers.outputs import RequestOutput
+from workers.outputs import Completion, RequestOutput
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
-from workers.sequence import FinishReason, Sequence, TokenLogprobs
-
-logger = logging.getLogger(__name__)
+from workers.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -60,19 +55,6 @@ class KVStats:
     block_size: int
     bytes_per_block: int
     num_evicted_blocks: int  # lifetime count of blocks dropped by the eviction policy
-
-
-@functools.cache
-def freeze_gc_heap() -> None:
-    """Move everything alive now (model, tokenizer, pools: the process's long-lived heap) out of the cyclic GC's
-    reach, once per process (the first engine). A decode step allocates thousands of small objects, so the GC runs
-    often, and each full collection rescanned that whole heap: ~17% of a 32-stream step on 2 cores (measured). vLLM
-    does the same at start. Frozen objects are still freed by reference counting; only cycles among them would
-    outlive their use, which is why this happens once, not per engine."""
-    gc.collect()
-    gc.freeze()
-    # Frozen objects are never finalized at shutdown otherwise (bindings such as triton's then report "leaks").
-    atexit.register(gc.unfreeze)
 
 
 class Engine:
@@ -248,7 +230,7 @@ class Engine:
         return outputs
 
     # ---- convenience ----------------------------------------------------------------------------
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list["Completion"]:
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
         """Run prompts to completion (blocking); returns one Completion per prompt, in order."""
         request_ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
         for request_id, prompt in zip(request_ids, prompts):
@@ -262,26 +244,3 @@ class Engine:
                 if output.request_id in completions:
                     completions[output.request_id].add(output)
         return [completions[request_id] for request_id in request_ids]
-
-
-@dataclass
-class Completion:
-    """A whole request's result, folded from its RequestOutputs."""
-
-    request_id: str
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-
-    def add(self, output: RequestOutput) -> None:
-        self.token_ids.extend(output.new_token_ids)
-        self.text += output.new_text
-        self.logprobs.extend(output.logprobs)
-        self.finished = output.finished
-        self.finish_reason = output.finish_reason
-        self.num_prompt_tokens = output.num_prompt_tokens
-        self.num_cached_tokens = output.num_cached_tokens

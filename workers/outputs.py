@@ -74,3 +74,26 @@ def _find_stop(text: str, stops: tuple[str, ...], search_from: int) -> tuple[int
         if index != -1 and (best is None or index < best[0]):
             best = (index, stop_str)
     return best
+
+
+@dataclass
+class Completion:
+    """A whole request's result, folded from its RequestOutputs."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def add(self, output: RequestOutput) -> None:
+        self.token_ids.extend(output.new_token_ids)
+        self.text += output.new_text
+        self.logprobs.extend(output.logprobs)
+        self.finished = output.finished
+        self.finish_reason = output.finish_reason
+        self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_cached_tokens = output.num_cached_tokens

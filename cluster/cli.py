@@ -121,52 +121,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "engine":
-        from cluster.bench_engine import run_engine_bench
+        from cluster.tools.bench_engine import run_engine_bench
 
         return run_engine_bench(args)
     if args.target == "chaos":
-        from cluster.bench_chaos import run_chaos_bench
+        from cluster.tools.bench_chaos import run_chaos_bench
 
         return run_chaos_bench(args)
-    from cluster.bench_serve import run_serve_bench
+    from cluster.tools.bench_serve import run_serve_bench
 
     return run_serve_bench(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.target == "memory":
-        from cluster.kv_memory import run_memory
+        from cluster.tools.kv_memory import run_memory
 
         return run_memory(args)
     if args.target == "longctx":
-        from cluster.eval_longctx import run_eval_longctx
+        from cluster.tools.eval_longctx import run_eval_longctx
 
         return run_eval_longctx(args)
-    from cluster.eval_kv import run_eval_kv
+    from cluster.tools.eval_kv import run_eval_kv
 
     return run_eval_kv(args)
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from cluster.eval_kv import calibration_windows, pydoc_text
-    from workers.kv.calibration import calibrate
-    from workers.model.loader import load_model
-
-    import torch
-
-    loaded = load_model(args.model, dtype=torch.float32, device="cpu")
-    if args.text:
-        token_ids = loaded.tokenizer.encode(open(args.text, encoding="utf-8").read())
-        windows = [token_ids[i:i + 512] for i in range(0, len(token_ids) - 511, 512)][: args.windows]
-        if not windows:
-            print(f"error: --text {args.text} has fewer than 512 tokens", file=sys.stderr)
-            return 2
-    else:
-        windows = calibration_windows(loaded.tokenizer, num_windows=args.windows)
-    calibration = calibrate(loaded.model, windows)
-    calibration.save(args.out)
-    print(f"wrote {args.out}: {calibration.num_tokens} tokens, digest {calibration.digest()}")
-    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -215,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--grpc-port", type=int, default=None,
                        help="serve/chaos: port of the embedded server (serve: 9000; chaos: a free port)")
     _add_engine_options(bench)
-    from cluster.bench_chaos import add_chaos_options
+    from cluster.tools.bench_chaos import add_chaos_options
 
     add_chaos_options(bench)
     bench.set_defaults(func=cmd_bench)
@@ -227,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", dest="json_out", default=None, help="write results here (and a PNG beside)")
     evaluate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    from cluster.eval_kv import add_eval_kv_options
-    from cluster.eval_longctx import add_eval_longctx_options
+    from cluster.tools.eval_kv import add_eval_kv_options
+    from cluster.tools.eval_longctx import add_eval_longctx_options
 
     add_eval_kv_options(evaluate)
     add_eval_longctx_options(evaluate)
@@ -239,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
     calibrate.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc_data.topics, its tail)")
     calibrate.add_argument("--windows", type=int, default=4, help="512-token windows to run")
+    from cluster.tools.calibrate import cmd_calibrate
+
     calibrate.set_defaults(func=cmd_calibrate)
 
     from cluster.serve_cmd import add_parsers

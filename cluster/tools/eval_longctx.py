@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from cluster.eval_kv import length_name, needle_prompts, pydoc_text
+from cluster.tools.eval_kv import length_name, needle_prompts, pydoc_text
 
 BASELINE_CODEC = "float16"
 NEEDLE_TOKENS = 8

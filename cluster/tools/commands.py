@@ -1,0 +1,79 @@
+"""The offline tools' commands: `tierserve bench`, `tierserve eval`, `tierserve calibrate`."""
+
+from __future__ import annotations
+
+import argparse
+
+from cluster.flags import add_engine_options
+from cluster.tools.calibrate import cmd_calibrate
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "engine":
+        from cluster.tools.bench_engine import run_engine_bench
+
+        return run_engine_bench(args)
+    if args.target == "chaos":
+        from cluster.tools.bench_chaos import run_chaos_bench
+
+        return run_chaos_bench(args)
+    from cluster.tools.bench_serve import run_serve_bench
+
+    return run_serve_bench(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.target == "memory":
+        from cluster.tools.kv_memory import run_memory
+
+        return run_memory(args)
+    if args.target == "longctx":
+        from cluster.tools.eval_longctx import run_eval_longctx
+
+        return run_eval_longctx(args)
+    from cluster.tools.eval_kv import run_eval_kv
+
+    return run_eval_kv(args)
+
+
+def add_parsers(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (table on stdout, JSON with --json)")
+    bench.add_argument("target", choices=["engine", "serve", "chaos"])
+    bench.add_argument("--json", dest="json_out", default=None, help="write results here")
+    bench.add_argument("--prompt-len", type=int, default=128, help="engine: prompt tokens")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="engine: tokens decoded per stream")
+    bench.add_argument("--concurrency", default="1,4,16,32")
+    bench.add_argument("--skip-baseline", action="store_true", help="engine: skip the transformers baseline")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="engine: rounds alternating ours and transformers (medians are reported)")
+    bench.add_argument("--prompt-lens", default="32,128,512", help="serve: prompt length mix (tokens)")
+    bench.add_argument("--output-lens", default="16,64", help="serve: output length mix (tokens)")
+    bench.add_argument("--requests-per-client", type=int, default=2, help="serve: requests per client per level")
+    bench.add_argument("--grpc-port", type=int, default=None,
+                       help="serve/chaos: port of the embedded server (serve: 9000; chaos: a free port)")
+    add_engine_options(bench)
+    from cluster.tools.bench_chaos import add_chaos_options
+
+    add_chaos_options(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")
+    evaluate.add_argument("target", choices=["kv", "memory", "longctx"],
+                          help="kv: codec quality; memory: long-context KV bytes; longctx: eviction policies")
+    evaluate.add_argument("--context-tokens", type=int, default=2**20, help="memory: context length")
+    evaluate.add_argument("--json", dest="json_out", default=None, help="write results here (and a PNG beside)")
+    evaluate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    from cluster.tools.eval_kv import add_eval_kv_options
+    from cluster.tools.eval_longctx import add_eval_longctx_options
+
+    add_eval_kv_options(evaluate)
+    add_eval_longctx_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    calibrate = sub.add_parser("calibrate", help="write a KV calibration file for gtq-* and fractional tq-* codecs")
+    calibrate.add_argument("--out", required=True, help="calibration file to write")
+    calibrate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
+    calibrate.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc_data.topics, its tail)")
+    calibrate.add_argument("--windows", type=int, default=4, help="512-token windows to run")
+    calibrate.set_defaults(func=cmd_calibrate)

@@ -19,11 +19,13 @@ class InvalidRequestError(ValueError):
 
 
 MAX_LOGPROBS = 20
+# The one default for max_tokens: the engine's, the gRPC API's (a request that leaves it unset) and the CLI's.
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 64
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0

@@ -7,37 +7,17 @@ import json
 import sys
 import time
 
-from cluster.flags import add_engine_options, engine_config
+from cluster.flags import add_engine_options, add_sampling_options, engine_config, sampling_params
 from cluster.serve_cmd import add_parsers as add_serve_parsers
 from cluster.tools.commands import add_parsers as add_tool_parsers
 
 USAGE_ERRORS = (FileNotFoundError, ValueError)  # missing/corrupt model, unsupported arch, bad request
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=128)
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--seed", type=int, default=None)
-    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    group.add_argument("--ignore-eos", action="store_true")
-    group.add_argument("--logprobs", type=int, default=0, help="top-N logprobs per token (with --json)")
-
-
-def _sampling_params(args: argparse.Namespace):
-    from workers.sampling_params import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                          logprobs=args.logprobs)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from workers.engine import Engine
 
-    params = _sampling_params(args)
+    params = sampling_params(args)
     started = time.perf_counter()
     engine = Engine(engine_config(args))
     print(f"[tierserve] loaded {engine.loaded.path} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
@@ -105,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system message (with --chat)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_engine_options(run)
-    _add_sampling_options(run)
+    add_sampling_options(run)
     run.set_defaults(func=cmd_run)
 
     add_tool_parsers(sub)

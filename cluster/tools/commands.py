@@ -62,8 +62,7 @@ def add_parsers(sub) -> None:
                           help="kv: codec quality; memory: long-context KV bytes; longctx: eviction policies")
     evaluate.add_argument("--context-tokens", type=int, default=2**20, help="memory: context length")
     evaluate.add_argument("--json", dest="json_out", default=None, help="write results here (and a PNG beside)")
-    evaluate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
-    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_engine_options(evaluate, only=frozenset({"model", "num_threads"}))
     from cluster.tools.eval_kv import add_eval_kv_options
     from cluster.tools.eval_longctx import add_eval_longctx_options
 
@@ -73,7 +72,7 @@ def add_parsers(sub) -> None:
 
     calibrate = sub.add_parser("calibrate", help="write a KV calibration file for gtq-* and fractional tq-* codecs")
     calibrate.add_argument("--out", required=True, help="calibration file to write")
-    calibrate.add_argument("--model", default=None, help="GGUF file or HF model directory (default: SmolLM2-135M)")
+    add_engine_options(calibrate, only=frozenset({"model"}))
     calibrate.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc_data.topics, its tail)")
     calibrate.add_argument("--windows", type=int, default=4, help="512-token windows to run")
     calibrate.set_defaults(func=cmd_calibrate)

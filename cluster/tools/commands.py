@@ -3,42 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from cluster.flags import add_engine_options
 from cluster.tools.calibrate import cmd_calibrate
 
 
+# target -> (module, function): each tool is imported only when it runs (torch, Ray, matplotlib are heavy).
+BENCH_TARGETS = {"engine": ("cluster.tools.bench_engine", "run_engine_bench"),
+                 "serve": ("cluster.tools.bench_serve", "run_serve_bench"),
+                 "chaos": ("cluster.tools.bench_chaos", "run_chaos_bench")}
+EVAL_TARGETS = {"kv": ("cluster.tools.eval_kv", "run_eval_kv"),
+                "memory": ("cluster.tools.kv_memory", "run_memory"),
+                "longctx": ("cluster.tools.eval_longctx", "run_eval_longctx")}
+
+
+def _run_target(targets: dict[str, tuple[str, str]], args: argparse.Namespace) -> int:
+    module, function = targets[args.target]
+    return getattr(importlib.import_module(module), function)(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.target == "engine":
-        from cluster.tools.bench_engine import run_engine_bench
-
-        return run_engine_bench(args)
-    if args.target == "chaos":
-        from cluster.tools.bench_chaos import run_chaos_bench
-
-        return run_chaos_bench(args)
-    from cluster.tools.bench_serve import run_serve_bench
-
-    return run_serve_bench(args)
+    return _run_target(BENCH_TARGETS, args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.target == "memory":
-        from cluster.tools.kv_memory import run_memory
-
-        return run_memory(args)
-    if args.target == "longctx":
-        from cluster.tools.eval_longctx import run_eval_longctx
-
-        return run_eval_longctx(args)
-    from cluster.tools.eval_kv import run_eval_kv
-
-    return run_eval_kv(args)
+    return _run_target(EVAL_TARGETS, args)
 
 
 def add_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (table on stdout, JSON with --json)")
-    bench.add_argument("target", choices=["engine", "serve", "chaos"])
+    bench.add_argument("target", choices=list(BENCH_TARGETS))
     bench.add_argument("--json", dest="json_out", default=None, help="write results here")
     bench.add_argument("--prompt-len", type=int, default=128, help="engine: prompt tokens")
     bench.add_argument("--decode-tokens", type=int, default=64, help="engine: tokens decoded per stream")
@@ -58,7 +53,7 @@ def add_parsers(sub) -> None:
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")
-    evaluate.add_argument("target", choices=["kv", "memory", "longctx"],
+    evaluate.add_argument("target", choices=list(EVAL_TARGETS),
                           help="kv: codec quality; memory: long-context KV bytes; longctx: eviction policies")
     evaluate.add_argument("--context-tokens", type=int, default=2**20, help="memory: context length")
     evaluate.add_argument("--json", dest="json_out", default=None, help="write results here (and a PNG beside)")

@@ -12,10 +12,10 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.config import ServeConfig, TierConfig
-from cluster.router import Router
+from cluster.grpc_ingress import Router
 from cluster.servers import DecodeServer, PrefillServer
 
-GRPC_SERVICER = "cluster.grpc_ingress.add_inference_servicer"  # Serve's proxy + prompt client cancellation
+GRPC_SERVICER = "cluster.grpc_proxy.add_inference_servicer"  # Serve's proxy + prompt client cancellation
 ROUTER_NUM_CPUS = 0.1  # tokenizing only; must not hold a core on small machines (DESIGN §11)
 
 

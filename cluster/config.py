@@ -27,12 +27,12 @@ class _Strict(BaseModel):
 class AutoscalingConfig(_Strict):
     """Ray Serve autoscaling for one deployment (its own; tiers scale apart)."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    initial_replicas: int | None = Field(None, ge=0)
-    target_ongoing_requests: float = Field(8.0, gt=0)
-    upscale_delay_s: float = Field(10.0, ge=0)
-    downscale_delay_s: float = Field(120.0, ge=0)
+    min_replicas: int = Field(1, ge=0, description="never fewer replicas than this (0 lets an idle tier go away)")
+    max_replicas: int = Field(1, ge=1, description="never more replicas than this")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at start-up; None = min_replicas")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests per replica Serve scales toward")
+    upscale_delay_s: float = Field(10.0, ge=0, description="load must stay high this long before a replica is added")
+    downscale_delay_s: float = Field(120.0, ge=0, description="load must stay low this long before one is removed")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":
@@ -46,11 +46,12 @@ class AutoscalingConfig(_Strict):
 class TierConfig(_Strict):
     """One deployment: the prefill tier or a decode tier."""
 
-    name: str = Field(..., pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9-]{0,30}$",
+                      description="the tier's name: deployment DecodeServer-<name>, the requests' tier hint")
     num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling is not set")
-    autoscaling: AutoscalingConfig | None = None
+    autoscaling: AutoscalingConfig | None = Field(None, description="Serve autoscaling; None = num_replicas fixed")
     num_cpus: float = Field(0.5, ge=0, description="per replica; fractional so small machines fit (DESIGN §11)")
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; beyond it requests queue or are refused")
     min_prompt_tokens: int = Field(0, ge=0, description="decode tiers: prompts at least this long route here")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig overrides for this tier")
@@ -71,14 +72,23 @@ def _default_decode_tiers() -> list[TierConfig]:
 
 
 class ServeConfig(_Strict):
+    """The whole deployment: the model, the tiers and the failure policy."""
+
     model: str | None = Field(None, description="GGUF file or HF directory; None = the default model")
-    mode: Literal["disaggregated", "unified"] = "disaggregated"
-    grpc_port: int = Field(9000, ge=1, le=65535)
+    mode: Literal["disaggregated", "unified"] = Field(
+        "disaggregated", description="disaggregated: a prefill tier hands KV to the decode tiers; unified: each "
+                                     "decode tier also prefills")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="port of Serve's gRPC proxy (the API)")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="defaults for every tier")
-    prefill: TierConfig = Field(default_factory=lambda: TierConfig(name="prefill"))
-    decode_tiers: list[TierConfig] = Field(default_factory=_default_decode_tiers, min_length=1)
-    transfer_failure_policy: Literal["recompute", "fail"] = "recompute"
-    transfer_timeout_s: float = Field(10.0, gt=0)
+    prefill: TierConfig = Field(default_factory=lambda: TierConfig(name="prefill"),
+                                description="the prefill tier (disaggregated mode)")
+    decode_tiers: list[TierConfig] = Field(default_factory=_default_decode_tiers, min_length=1,
+                                           description="one deployment each; a request goes to its hint, else to "
+                                                       "the tier with the largest min_prompt_tokens it reaches")
+    transfer_failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute", description="a failed or timed-out KV transfer: decode recomputes the prefill, or the "
+                                 "request fails (UNAVAILABLE)")
+    transfer_timeout_s: float = Field(10.0, gt=0, description="how long decode waits for a KV transfer")
     max_queued_requests: int = Field(256, ge=1, description="beyond this the Router answers RESOURCE_EXHAUSTED")
     max_migrations: int = Field(3, ge=0, description="times a stream may move to another decode replica")
     migration_timeout_s: float = Field(120.0, gt=0, description="how long a stream may wait for a live replica")

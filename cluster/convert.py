@@ -1,14 +1,11 @@
-"""Wire messages (tierserve.v1) <-> engine records. Every rejection names the request field."""
+"""Wire messages (tierserve.v1) <-> the frontend's records. Plain mapping, no validation: the frontend validates,
+so every ingress rejects the same input with the same message naming the same field."""
 
 from __future__ import annotations
 
 from protos import inference_pb2 as pb
-from workers.outputs import RequestOutput
-from workers.sampling_params import InvalidRequestError, SamplingParams
+from cluster.records import ChatMessage, GenerateInput, ModelCard, SamplingInput, StreamChunk, TokenizeInput
 from workers.sequence import FinishReason
-
-DEFAULT_MAX_TOKENS = 256
-MAX_TOKENS_LIMIT = 1 << 20
 
 FINISH_REASONS = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -18,50 +15,56 @@ FINISH_REASONS = {
 }
 
 
-def sampling_params_from_proto(sampling: pb.SamplingParams) -> SamplingParams:
-    """Unset optional fields take server defaults; values are validated by SamplingParams itself."""
-    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-    if max_tokens > MAX_TOKENS_LIMIT:
-        raise InvalidRequestError("sampling.max_tokens", f"must be <= {MAX_TOKENS_LIMIT}, got {max_tokens}")
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=sampling.temperature if sampling.HasField("temperature") else 1.0,
-            top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
-            top_k=sampling.top_k if sampling.HasField("top_k") else 0,
-            seed=sampling.seed if sampling.HasField("seed") else None,
-            stop=tuple(sampling.stop),
-            stop_token_ids=tuple(sampling.stop_token_ids),
-            ignore_eos=sampling.ignore_eos,
-            logprobs=sampling.logprobs,
-            skip_special_tokens=sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True,
-        )
-    except InvalidRequestError as exc:
-        raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
 
 
-def chat_messages(chat: pb.ChatMessages) -> list[dict[str, str]]:
-    if not chat.messages:
-        raise InvalidRequestError("chat.messages", "must contain at least one message")
-    messages = []
-    for index, message in enumerate(chat.messages):
-        if not message.role:
-            raise InvalidRequestError(f"chat.messages[{index}].role", "must be a non-empty string")
-        messages.append({"role": message.role, "content": message.content})
-    return messages
+def sampling_from_proto(sampling: pb.SamplingParams) -> SamplingInput:
+    """Unset optional fields stay None (the server default applies)."""
+    return SamplingInput(
+        max_tokens=_optional(sampling, "max_tokens"), temperature=_optional(sampling, "temperature"),
+        top_p=_optional(sampling, "top_p"), top_k=_optional(sampling, "top_k"), seed=_optional(sampling, "seed"),
+        stop=tuple(sampling.stop), stop_token_ids=tuple(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
+        logprobs=sampling.logprobs, skip_special_tokens=_optional(sampling, "skip_special_tokens"))
 
 
-def response_from_output(output: RequestOutput, tier: str, ttft_s: float, total_s: float) -> pb.GenerateResponse:
+def chat_from_proto(chat: pb.ChatMessages) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(role=message.role, content=message.content) for message in chat.messages)
+
+
+def generate_input_from_proto(request: pb.GenerateRequest) -> GenerateInput:
+    kind = request.WhichOneof("input")
+    return GenerateInput(
+        prompt=request.prompt if kind == "prompt" else None,
+        chat=chat_from_proto(request.chat) if kind == "chat" else None,
+        token_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
+        sampling=sampling_from_proto(request.sampling), model=request.model, tier=request.tier,
+        request_id=request.request_id)
+
+
+def tokenize_input_from_proto(request: pb.TokenizeRequest) -> TokenizeInput:
+    kind = request.WhichOneof("input")
+    return TokenizeInput(prompt=request.prompt if kind == "prompt" else None,
+                         chat=chat_from_proto(request.chat) if kind == "chat" else None, model=request.model)
+
+
+def response_from_chunk(chunk: StreamChunk) -> pb.GenerateResponse:
+    output = chunk.output
     return pb.GenerateResponse(
         request_id=output.request_id,
         token_ids=output.new_token_ids,
         text=output.new_text,
         finish_reason=FINISH_REASONS[output.finish_reason],
-        usage=pb.Usage(prompt_tokens=output.num_prompt_tokens, completion_tokens=output.num_output_tokens,
+        usage=pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
                        cached_tokens=output.num_cached_tokens),
-        timing=pb.Timing(ttft_s=ttft_s, total_s=total_s),
+        timing=pb.Timing(ttft_s=chunk.ttft_s, total_s=chunk.total_s),
         logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                   top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
                   for lp in output.logprobs],
-        tier=tier,
+        tier=chunk.tier,
     )
+
+
+def model_info_from_card(card: ModelCard) -> pb.ModelInfo:
+    return pb.ModelInfo(id=card.id, max_model_len=card.max_model_len, vocab_size=card.vocab_size,
+                        tiers=list(card.tiers))

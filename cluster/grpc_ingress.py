@@ -1,84 +1,109 @@
-"""Registers tierserve's gRPC service on Ray Serve's gRPC proxy, and makes a client hang-up reach the Router.
+"""Router: the gRPC ingress (Serve deployment "Router"; its methods are named as in protos/inference.proto's
+Inference service, streaming RPCs are generator methods).
 
-Ray Serve runs `grpc_servicer_functions` inside its proxy actor with the proxy's own server, which
-replaces every method handler by one that forwards to the ingress deployment. For server-streaming
-methods that handler is an async generator, and grpc.aio drives it with a bare `async for` that
-sends each message in between. When the client cancels (or its deadline passes) while a message is
-being *sent*, grpc.aio cancels the RPC task outside the generator: the generator is abandoned at
-its `yield`, the request it forwards is never cancelled, and the Router keeps decoding (holding KV
-blocks on both tiers) until the generator happens to be garbage-collected (Ray Serve 2.60 behaviour,
-measured: a 2000-token request ran to the end after its client hung up).
-
-`add_inference_servicer` wraps the proxy's streaming handler in a coroutine that writes each message
-itself. A cancellation now always lands in our frame; if it lands during a write, we resume the
-forwarding generator until it waits for the replica's next chunk and cancel it *there*, the one
-place where Serve's proxy turns a cancellation into a cancel of the downstream request.
+Only the transport lives here: protobuf <-> the frontend's records (cluster/convert.py) and the frontend's typed
+errors -> gRPC status codes: bad input INVALID_ARGUMENT naming the field, unknown model/tier NOT_FOUND, overload
+RESOURCE_EXHAUSTED, a failed handoff under policy `fail` UNAVAILABLE. Admission, tokenizing, the tier choice and
+migration are the Frontend's (cluster/frontend.py), shared with any other ingress.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator
 
-from protos.inference_pb2_grpc import add_InferenceServicer_to_server
+import grpc
+
+from cluster.config import ServeConfig, UnknownTierError
+from cluster.convert import (generate_input_from_proto, model_info_from_card, response_from_chunk,
+                             tokenize_input_from_proto)
+from cluster.frontend import Frontend, ModelNotFoundError, OverloadedError
+from cluster.records import Admission
+from protos import inference_pb2 as pb
+from workers.handoff.records import CodecMismatchError, TransferFailedError
 
 logger = logging.getLogger(__name__)
 
-MAX_CANCEL_ATTEMPTS = 64  # each attempt either cancels the pending read or drops one already-produced chunk
 
+class Router:
+    def __init__(self, config: ServeConfig, decode_handles: list):
+        self.frontend = Frontend(config, decode_handles)
 
-def add_inference_servicer(servicer: Any, server: Any) -> None:
-    """The `grpc_servicer_functions` entry for Ray Serve (`cluster.app.GRPC_SERVICER`)."""
-    factory = getattr(server, "service_handler_factory", None)
-    if factory is None:  # not Serve's proxy server (or a Serve version that works differently)
-        add_InferenceServicer_to_server(servicer, server)
-        return
-    server.service_handler_factory = cancellable_handler_factory(factory)
-    try:
-        add_InferenceServicer_to_server(servicer, server)
-    finally:
-        server.service_handler_factory = factory
-
-
-def cancellable_handler_factory(factory: Callable) -> Callable:
-    """Wraps Serve's handler factory: server-streaming handlers become cancellation-safe coroutines."""
-
-    def make_handler(service_method: str, streaming_type: Any) -> Callable:
-        handler = factory(service_method=service_method, streaming_type=streaming_type)
-        if getattr(streaming_type, "value", streaming_type) != "unary_stream":
-            return handler
-        return cancellable_unary_stream(handler)
-
-    return make_handler
-
-
-def cancellable_unary_stream(handler: Callable[[Any, Any], AsyncIterator[bytes]]) -> Callable:
-    async def unary_stream(request: Any, context: Any) -> None:
-        stream = handler(request, context)
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        admission = self._admit(request, grpc_context)
+        # Nothing awaits between admission and the stream's first step: the stream's own `finally` releases the
+        # queue slot, and `aclose` below reaches it even when the client goes away between two chunks.
+        stream = self.frontend.stream(admission)
         try:
-            async for message in stream:
-                await context.write(message)
-        except BaseException:
-            # Client gone, deadline passed, server stopping: cancel the forwarded request now.
-            await cancel_pending_read(stream)
+            async for chunk in stream:
+                yield response_from_chunk(chunk)
+        except Exception as exc:
+            _set_status_for(exc, grpc_context)
+            raise
+        finally:
+            await stream.aclose()
+
+    async def Complete(self, request: pb.GenerateRequest, grpc_context=None) -> pb.CompleteResponse:
+        response = pb.CompleteResponse()
+        text = []
+        async for chunk in self.Generate(request, grpc_context):
+            response.request_id = chunk.request_id
+            response.token_ids.extend(chunk.token_ids)
+            response.logprobs.extend(chunk.logprobs)
+            text.append(chunk.text)
+            response.finish_reason = chunk.finish_reason
+            response.usage.CopyFrom(chunk.usage)
+            response.timing.CopyFrom(chunk.timing)
+            response.tier = chunk.tier
+        response.text = "".join(text)
+        return response
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        try:
+            result = self.frontend.tokenize(tokenize_input_from_proto(request))
+        except Exception as exc:
+            _set_status_for(exc, grpc_context)
+            raise
+        return pb.TokenizeResponse(token_ids=result.token_ids, tokens=result.tokens)
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info_from_card(self.frontend.model_card())])
+
+    async def stats(self) -> dict[str, int]:
+        return self.frontend.stats()
+
+    async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING,
+                                 detail=f"{self.frontend.in_flight} requests in flight")
+
+    def _admit(self, request: pb.GenerateRequest, grpc_context) -> Admission:
+        try:
+            return self.frontend.admit(generate_input_from_proto(request))
+        except Exception as exc:
+            _set_status_for(exc, grpc_context)
+            self.frontend.record_rejection(_status_for(exc).name)
             raise
 
-    return unary_stream
+
+def _status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, (UnknownTierError, ModelNotFoundError)):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, TransferFailedError):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, CodecMismatchError):  # the tiers are misconfigured, not the request
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, ValueError):  # InvalidRequestError, bad chat messages, a template's raise_exception
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
 
 
-async def cancel_pending_read(stream: AsyncIterator[Any]) -> None:
-    """Resume an abandoned forwarding generator until a cancellation lands in its wait for the next chunk."""
-    for _ in range(MAX_CANCEL_ATTEMPTS):
-        pending = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0)  # one step: the generator runs down to its await on the replica
-        pending.cancel()
-        try:
-            await pending
-        except (asyncio.CancelledError, StopAsyncIteration):
-            return
-        except Exception as exc:  # the forwarded request failed meanwhile: nothing left to cancel
-            logger.debug("stream ended while cancelling: %r", exc)
-            return
-        # A chunk was ready before the cancel landed: drop it (nobody is listening) and try again.
-    logger.warning("could not cancel a forwarded stream after %d attempts", MAX_CANCEL_ATTEMPTS)
+def _set_status_for(exc: BaseException, grpc_context) -> None:
+    if grpc_context is None:
+        return
+    code = _status_for(exc)
+    grpc_context.set_code(code)
+    grpc_context.set_details(str(exc))
+    if code is grpc.StatusCode.INTERNAL:
+        logger.exception("internal error", exc_info=exc)

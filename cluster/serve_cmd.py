@@ -9,8 +9,12 @@ import signal
 import sys
 import time
 
+from cluster.config import ServeConfig
+from cluster.flags import add_sampling_options, add_serve_options, serve_overrides
+
 APP_NAME = "tierserve"
 ROUTE_PREFIX = "/tierserve"
+GENERATE_SAMPLING = ("max_tokens", "temperature", "seed")
 
 
 def start_serving(config, address: str | None = None, http_port: int = 8000,
@@ -35,17 +39,8 @@ def start_serving(config, address: str | None = None, http_port: int = 8000,
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.config import ServeConfig
-
     config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
-    updates = {}
-    if args.model:
-        updates["model"] = args.model
-    if args.mode:
-        updates["mode"] = args.mode
-    if args.grpc_port:
-        updates["grpc_port"] = args.grpc_port
-    config = ServeConfig.model_validate({**config.model_dump(), **updates})
+    config = ServeConfig.model_validate({**config.model_dump(), **serve_overrides(args)})
     started = time.perf_counter()
     print(f"[tierserve] starting {config.mode} serving ({'Ray at ' + args.address if args.address else 'embedded Ray'})",
           file=sys.stderr, flush=True)
@@ -114,21 +109,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     serve_parser = sub.add_parser("serve", help="serve over gRPC on Ray Serve (embedded local Ray by default)")
     serve_parser.add_argument("--config", default=None, help="ServeConfig YAML (see `tierserve config show`)")
-    serve_parser.add_argument("--model", default=None)
-    serve_parser.add_argument("--mode", choices=["disaggregated", "unified"], default=None)
-    serve_parser.add_argument("--grpc-port", type=int, default=None, help="default 9000")
     serve_parser.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port (unused by the API)")
     serve_parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    add_serve_options(serve_parser)
     serve_parser.set_defaults(func=cmd_serve)
 
     generate = sub.add_parser("generate", help="stream a completion from a running server over gRPC")
     generate.add_argument("prompt")
-    generate.add_argument("--target", default="127.0.0.1:9000")
+    generate.add_argument("--target", default="127.0.0.1:9000", help="the server's gRPC HOST:PORT")
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    generate.add_argument("--max-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--tier", default=None, help="decode-tier hint")
-    generate.add_argument("--timeout", type=float, default=300.0)
-    generate.add_argument("--json", action="store_true")
+    generate.add_argument("--timeout", type=float, default=300.0, help="seconds before the call is abandoned")
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_sampling_options(generate, GENERATE_SAMPLING)
     generate.set_defaults(func=cmd_generate)

@@ -15,7 +15,8 @@ class EvictionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: Literal["none", "streaming", "h2o", "snapkv", "value_aware"] = "none"
+    policy: Literal["none", "streaming", "h2o", "snapkv", "value_aware"] = Field(
+        "none", description="which blocks a sequence over its budget drops; none = keep every block")
     budget: float | None = Field(None, gt=0, le=1, description="keep at most this fraction of a sequence's blocks")
     budget_blocks: int | None = Field(None, ge=1, description="or at most this many blocks per sequence")
     sink_blocks: int = Field(1, ge=0, description="first blocks never evicted (attention sinks)")
@@ -38,6 +39,8 @@ class EvictionConfig(BaseModel):
 
 
 class EngineConfig(BaseModel):
+    """One engine (one replica's, or `tierserve run`'s): the model, the KV cache and the step budget."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str | None = Field(None, description="GGUF file or HF directory; None = the default SmolLM2-135M GGUF")
@@ -50,13 +53,14 @@ class EngineConfig(BaseModel):
     kv_calibration: str | None = Field(None, description="calibration file for gtq-* and fractional tq-* codecs "
                                                          "(tierserve calibrate)")
     kv_exclude_layers: tuple[int, ...] = Field((), description="layers kept in fp16 by a quantized codec")
-    block_size: int = Field(16, ge=1, le=256)
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV block (a power of two)")
     num_kv_blocks: int | None = Field(None, ge=1, description="pool size; None = derived from kv_cache_memory_mb")
     kv_cache_memory_mb: int = Field(512, ge=1, description="KV pool budget when num_kv_blocks is not given")
     max_model_len: int | None = Field(None, ge=2, description="context window; None = the model's")
     max_num_seqs: int = Field(64, ge=1, description="running sequences per step")
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget per step (chunked prefill)")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of a shared prompt prefix across "
+                                                          "requests")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = leave torch's default")
     pack_cpu_weights: bool = Field(True, description="float32 on CPU: pack each weight once for MKL's GEMM "
                                                      "(a 32-stream decode step ~16% faster, measured; about one "
@@ -72,7 +76,8 @@ class EngineConfig(BaseModel):
     freeze_gc_heap: bool = Field(True, description="after the process's first engine starts, freeze its long-lived "
                                                    "objects out of Python's cyclic GC (full collections stop "
                                                    "rescanning the model and tokenizer every few steps)")
-    role: Literal["unified", "prefill", "decode"] = "unified"
+    role: Literal["unified", "prefill", "decode"] = Field(
+        "unified", description="set by the deployment: a prefill or decode tier's engine, or both in one (unified)")
     kv_eviction: EvictionConfig = Field(default_factory=EvictionConfig,
                                         description="long-context KV eviction (decode and unified roles)")
 

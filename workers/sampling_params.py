@@ -19,19 +19,25 @@ class InvalidRequestError(ValueError):
 
 
 MAX_LOGPROBS = 20
+# The one default for max_tokens: the engine's, the gRPC API's (a request that leaves it unset) and the CLI's.
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 64
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    # Descriptions in `metadata` are the command line's help too (cluster/flags.py).
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"description": "tokens to generate at most"})
+    temperature: float = field(default=1.0, metadata={"description": "0 = greedy"})
+    top_k: int = field(default=0, metadata={"description": "sample from the k most likely tokens; 0 = off"})
+    top_p: float = field(default=1.0, metadata={"description": "nucleus sampling: the smallest set of tokens "
+                                                               "whose probability reaches p"})
+    seed: int | None = field(default=None, metadata={"description": "per-request RNG seed (reproducible sampling)"})
+    stop: tuple[str, ...] = field(default=(), metadata={"description": "stop string (repeatable)"})
     stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int = 0  # top alternatives to return per token; > 0 also scores the sampled token (0: none)
+    ignore_eos: bool = field(default=False, metadata={"description": "keep generating past the end-of-sequence "
+                                                                     "token"})
+    # > 0 also scores the sampled token (0: none)
+    logprobs: int = field(default=0, metadata={"description": "top-N logprobs per token"})
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Teacher forcing: output token i is forced_token_ids[i] (still scored by logprobs) while there is one. Evals

@@ -50,9 +50,9 @@ def app_target():
 
 
 def test_chaos_sequence_keeps_the_invariants(app_target, tmp_path):
-    from cluster.bench_chaos import run_chaos, write_outputs
-    from cluster.chaos_plan import KILL_DECODE, KILL_PREFILL, SCENARIOS, SOAK_BASELINE, SOAK_FAULTY, ChaosOptions
-    from cluster.chaos_report import (BLOCKS_ZERO, GOOD_REQUESTS_COMPLETE, INVALID_PROMPTS_REJECTED, ROUTER_IDLE,
+    from cluster.tools.bench_chaos import run_chaos, write_outputs
+    from cluster.tools.chaos_plan import KILL_DECODE, KILL_PREFILL, SCENARIOS, SOAK_BASELINE, SOAK_FAULTY, ChaosOptions
+    from cluster.tools.chaos_report import (BLOCKS_ZERO, GOOD_REQUESTS_COMPLETE, INVALID_PROMPTS_REJECTED, ROUTER_IDLE,
                                       SOAK_RATIO, STREAMS_IDENTICAL, TTFT_WITHIN)
 
     options = ChaosOptions(streams=3, stream_tokens=48, prompt_words=24, kill_decode_after_s=0.5, prefill_streams=3,

@@ -231,7 +231,7 @@ def assert_request_freed_everywhere(serve, app: str, deployments: list[str]) -> 
 
 def test_client_cancel_mid_stream_frees_blocks_on_both_tiers(cluster):
     """A gRPC client hangs up 5 tokens into a 2000-token stream: both tiers free the request's blocks at
-    once. (Through Serve's proxy unpatched, the request kept decoding to the end: cluster/grpc_ingress.py.)"""
+    once. (Through Serve's proxy unpatched, the request kept decoding to the end: cluster/grpc_proxy.py.)"""
     stub, serve = cluster
     for _ in range(3):
         stream = stub.Generate(greedy("Tell me a very long story about the sea.", 2000),

@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from cluster.chaos_client import CANCELLED, OK, FaultEvent, StreamResult
-from cluster.chaos_plan import (CANCEL_STORM, EXPECT_CANCELLED, EXPECT_INVALID, EXPECT_OK, KILL_DECODE,
+from cluster.tools.chaos_client import CANCELLED, OK, FaultEvent, StreamResult
+from cluster.tools.chaos_plan import (CANCEL_STORM, EXPECT_CANCELLED, EXPECT_INVALID, EXPECT_OK, KILL_DECODE,
                                 KILL_PREFILL, REFERENCE, SCENARIOS, SOAK_BASELINE, SOAK_FAULTY, ChaosOptions,
                                 RequestPlan, ScenarioPlan, plan_scenarios, pydoc_words)
-from cluster.chaos_report import (BLOCKS_ZERO, GOOD_REQUESTS_COMPLETE, INVALID_PROMPTS_REJECTED, ROUTER_IDLE,
+from cluster.tools.chaos_report import (BLOCKS_ZERO, GOOD_REQUESTS_COMPLETE, INVALID_PROMPTS_REJECTED, ROUTER_IDLE,
                                   SOAK_RATIO, STREAMS_IDENTICAL, TTFT_WITHIN, ChaosResult, Outcomes, PostCheck,
                                   ReplicaBlocks, ScenarioResult, check_targets, count_identical, format_table,
                                   latency, tally, unexpected)
-from cluster.rss_sampler import Boundary, RssSample, RssTrace, plot_rss, summarize
+from cluster.tools.rss_sampler import Boundary, RssSample, RssTrace, plot_rss, summarize
 
 SMALL = ChaosOptions(streams=4, stream_tokens=48, storm=16, storm_tokens=48, soak_requests=70, soak_concurrency=8,
                      prefill_streams=3, seed=7)
@@ -208,7 +208,7 @@ def test_table_rows_and_target_lines():
 
 
 def test_cli_parses_chaos_flags():
-    from cluster.bench_chaos import chaos_options
+    from cluster.tools.bench_chaos import chaos_options
     from cluster.cli import build_parser
 
     args = build_parser().parse_args(["bench", "chaos", "--streams", "4", "--stream-tokens", "48", "--storm", "16",

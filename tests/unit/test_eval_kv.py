@@ -40,7 +40,7 @@ def test_eval_kv_reports_measured_bytes_quality_and_a_plot(tmp_path):
 
 
 def test_eval_memory_uses_the_codecs_byte_accounting(tmp_path):
-    from cluster.kv_memory import SHAPES, bytes_per_token
+    from cluster.tools.kv_memory import SHAPES, bytes_per_token
     from workers.kv.presets import make_codec
 
     out = tmp_path / "memory.json"

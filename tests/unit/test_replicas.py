@@ -1,4 +1,4 @@
-"""cluster/replicas.py leans on Ray Serve 2.60 internals: these tests fail when those change shape.
+"""cluster/tools/replicas.py leans on Ray Serve 2.60 internals: these tests fail when those change shape.
 
 (The real calls run in tests/integration/test_chaos.py; here only the parts that need no Ray cluster.)
 """
@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 
-from cluster.replicas import REPLICA_PREFIX, parse_actor_name, request_metadata
+from cluster.tools.replicas import REPLICA_PREFIX, parse_actor_name, request_metadata
 
 
 def test_replica_actor_names_are_parsed_as_serve_writes_them():

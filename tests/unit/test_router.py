@@ -1,4 +1,5 @@
-"""Router admission and status mapping with fake decode handles (one component, no Ray cluster)."""
+"""Router (the gRPC ingress over the Frontend): admission and status mapping with fake decode handles (one component,
+no Ray cluster)."""
 
 from types import SimpleNamespace
 
@@ -7,7 +8,8 @@ import pytest
 
 from cluster.config import ServeConfig, UnknownTierError
 from workers.handoff.records import CodecMismatchError, TransferFailedError
-from cluster.router import ModelNotFoundError, OverloadedError, Router, _status_for
+from cluster.frontend import ModelNotFoundError, OverloadedError
+from cluster.grpc_ingress import Router, _status_for
 from protos import inference_pb2 as pb
 from workers.sampling_params import InvalidRequestError
 
@@ -32,21 +34,22 @@ def router(tiny_llama_dir):
 
 
 def test_admission_tokenizes_and_routes(router):
-    decode_request, tier = router._admit(pb.GenerateRequest(prompt="the tea", request_id="r1"), FakeContext())
+    admission = router._admit(pb.GenerateRequest(prompt="the tea", request_id="r1"), FakeContext())
+    decode_request, tier = admission.request, admission.tier
     assert tier == "default" and decode_request.request_id == "r1"
-    assert decode_request.prompt_token_ids == router.tokenizer.encode("the tea")
+    assert decode_request.prompt_token_ids == router.frontend.tokenizer.encode("the tea")
     assert decode_request.params.max_tokens == 256  # server default for an unset field
-    router.in_flight -= 1
+    router.frontend.in_flight -= 1
 
 
 def test_overload_is_resource_exhausted_and_bounded(router):
-    router.in_flight = 2
+    router.frontend.in_flight = 2
     context = FakeContext()
     with pytest.raises(OverloadedError):
         router._admit(pb.GenerateRequest(prompt="hi"), context)
     assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert router.in_flight == 2  # a refused request takes no slot
-    router.in_flight = 0
+    assert router.frontend.in_flight == 2  # a refused request takes no slot
+    router.frontend.in_flight = 0
 
 
 @pytest.mark.parametrize("request_kwargs,field", [
@@ -59,7 +62,7 @@ def test_bad_requests_name_the_field(router, request_kwargs, field):
     with pytest.raises(InvalidRequestError) as info:
         router._admit(pb.GenerateRequest(**request_kwargs), context)
     assert info.value.field == field and context.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert router.in_flight == 0
+    assert router.frontend.in_flight == 0
 
 
 @pytest.mark.parametrize("exc,code", [

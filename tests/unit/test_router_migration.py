@@ -9,7 +9,8 @@ import pytest
 from ray.exceptions import RayActorError
 
 from cluster.config import ServeConfig
-from cluster.router import Replay, Router
+from cluster.grpc_ingress import Router
+from cluster.migration import Replay
 from protos import inference_pb2 as pb
 from tests.unit.test_engine import make_engine
 from workers.async_engine import AsyncEngine
@@ -62,7 +63,7 @@ def test_a_migrated_stream_continues_exactly_and_sends_each_token_once(tiny_llam
         request = pb.GenerateRequest(prompt="the tea was hot and", sampling=pb.SamplingParams(
             max_tokens=20, ignore_eos=True, **sampling))
         undisturbed = make_engine(tiny_loaded).generate(
-            [router.tokenizer.encode("the tea was hot and")],
+            [router.frontend.tokenizer.encode("the tea was hot and")],
             _params(router, request))[0]
 
         async def run():
@@ -70,21 +71,22 @@ def test_a_migrated_stream_continues_exactly_and_sends_each_token_once(tiny_llam
 
         chunks = asyncio.run(run())
         tokens = [t for chunk in chunks for t in chunk.token_ids]
-        assert tokens == undisturbed.token_ids and router.num_migrations == 1
+        assert tokens == undisturbed.token_ids and router.frontend.num_migrations == 1
         assert "".join(chunk.text for chunk in chunks) == undisturbed.text
         # The second replica was asked to replay the 7 tokens the client had, not to re-prefill them.
         replayed = replicas.requests[1]
         assert replayed.params.forced_token_ids == tuple(undisturbed.token_ids[:7])
         assert replayed.prompt_token_ids == replicas.requests[0].prompt_token_ids
-        assert chunks[-1].usage.completion_tokens == 20 and router.in_flight == 0
+        assert chunks[-1].usage.completion_tokens == 20 and router.frontend.in_flight == 0
     finally:
         engine.shutdown()
 
 
 def _params(router, request):
-    from cluster.convert import sampling_params_from_proto
+    from cluster.convert import sampling_from_proto
+    from cluster.frontend import sampling_params
 
-    return sampling_params_from_proto(request.sampling)
+    return sampling_params(sampling_from_proto(request.sampling))
 
 
 def output(token_ids, text, finished=False) -> RequestOutput:

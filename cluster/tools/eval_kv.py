@@ -228,8 +228,8 @@ def run_eval_kv(args: argparse.Namespace) -> int:
     from workers.kv.calibration import calibrate
     from workers.model.loader import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     lengths = [int(n) for n in args.needle_lengths.split(",") if n]
     depths = [float(d) for d in args.needle_depths.split(",") if d]
     presets = [p for p in args.presets.split(",") if p]

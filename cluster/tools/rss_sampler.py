@@ -86,7 +86,7 @@ class RssSampler:
         import psutil
         import ray
 
-        from cluster.replicas import list_replicas, replica_process
+        from cluster.tools.replicas import list_replicas, replica_process
 
         try:
             replicas = list_replicas(self.app)

@@ -169,14 +169,14 @@ class TransformersBaseline:
 
 
 def run_engine_bench(args: argparse.Namespace) -> int:
-    from cluster.cli import _engine_config
+    from cluster.flags import engine_config
     from workers.engine import Engine
 
     # 1 stream is always measured in the rounds: the single-stream ratio is a median like every other.
     concurrency = sorted({1, *(int(c) for c in args.concurrency.split(","))})
     if args.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
-    config = _engine_config(args)
+    config = engine_config(args)
     _progress("loading the model")
     engine = Engine(config.model_copy(update={
         "max_num_seqs": max(max(concurrency), config.max_num_seqs),

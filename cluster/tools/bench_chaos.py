@@ -1,6 +1,6 @@
 """`tierserve bench chaos`: break a running app on purpose, over real gRPC, and report what it costs.
 
-Scenarios, in order (sizes are flags; plans in cluster/chaos_plan.py):
+Scenarios, in order (sizes are flags; plans in cluster/tools/chaos_plan.py):
   reference     N greedy streams undisturbed (their tokens are the reference); TTFT before = median probe
   kill-decode   the same streams; the default tier's decode replicas are killed mid-stream
   kill-prefill  M streams; the PrefillServer replica is killed while their handoffs are in flight
@@ -26,13 +26,13 @@ import socket
 import sys
 import time
 
-from cluster.chaos_client import probe_ttft, run_scenario, wait_until_reachable
-from cluster.chaos_plan import (ROUTER_DEPLOYMENT, SOAK_BASELINE, SOAK_FAULTY, ChaosOptions, plan_scenarios,
+from cluster.tools.chaos_client import probe_ttft, run_scenario, wait_until_reachable
+from cluster.tools.chaos_plan import (ROUTER_DEPLOYMENT, SOAK_BASELINE, SOAK_FAULTY, ChaosOptions, plan_scenarios,
                                 pydoc_words)
-from cluster.chaos_report import (ChaosResult, PostCheck, ReplicaBlocks, ScenarioResult, check_targets,
+from cluster.tools.chaos_report import (ChaosResult, PostCheck, ReplicaBlocks, ScenarioResult, check_targets,
                                   count_identical, format_table, latency, tally, unexpected)
-from cluster.replicas import ReplicaError, call_each_replica, kill_replicas, list_replicas
-from cluster.rss_sampler import RssSampler, plot_rss, summarize
+from cluster.tools.replicas import ReplicaError, call_each_replica, kill_replicas, list_replicas
+from cluster.tools.rss_sampler import RssSampler, plot_rss, summarize
 
 TTFT_PROBE_PROMPT = "Write one short sentence about rivers."  # ~8 tokens: the fresh-request probe
 UNREACHABLE_EXIT = 3

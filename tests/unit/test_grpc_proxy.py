@@ -1,4 +1,4 @@
-"""The proxy wrapper that makes a client hang-up cancel the forwarded request (cluster/grpc_ingress.py).
+"""The proxy wrapper that makes a client hang-up cancel the forwarded request (cluster/grpc_proxy.py).
 
 The forwarding generator below behaves like Serve's proxy chain in the one way that matters: a
 cancellation that lands while it waits for the replica's next chunk cancels the downstream request;
@@ -11,7 +11,7 @@ import asyncio
 import pytest
 from ray.serve._private.proxy_request_response import gRPCStreamingType
 
-from cluster.grpc_ingress import cancel_pending_read, cancellable_handler_factory, cancellable_unary_stream
+from cluster.grpc_proxy import cancel_pending_read, cancellable_handler_factory, cancellable_unary_stream
 
 
 class Downstream:

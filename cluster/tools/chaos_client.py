@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cluster.chaos_plan import FaultPlan, RequestPlan, ScenarioPlan
+from cluster.tools.chaos_plan import FaultPlan, RequestPlan, ScenarioPlan
 
 OK, CANCELLED = "ok", "cancelled"  # outcomes besides a gRPC status code name
 

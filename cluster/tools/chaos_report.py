@@ -11,9 +11,9 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from cluster.chaos_client import CANCELLED, OK, FaultEvent, StreamResult
-from cluster.chaos_plan import EXPECT_CANCELLED, EXPECT_INVALID, EXPECT_OK, KILL_DECODE, ScenarioPlan
-from cluster.rss_sampler import RssSummary, RssTrace
+from cluster.tools.chaos_client import CANCELLED, OK, FaultEvent, StreamResult
+from cluster.tools.chaos_plan import EXPECT_CANCELLED, EXPECT_INVALID, EXPECT_OK, KILL_DECODE, ScenarioPlan
+from cluster.tools.rss_sampler import RssSummary, RssTrace
 
 TTFT_FACTOR = 2.0  # TTFT after a scenario within this factor of the one before the run
 SOAK_RATIO_MAX = 1.5  # faulty soak wall time / baseline soak wall time

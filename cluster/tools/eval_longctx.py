@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from cluster.eval_kv import length_name, needle_prompts, pydoc_text
+from cluster.tools.eval_kv import length_name, needle_prompts, pydoc_text
+from workers.config import EvictionConfig
 
 BASELINE_CODEC = "float16"
 NEEDLE_TOKENS = 8
@@ -245,8 +246,8 @@ def build_configs(policies: list[str], budgets: list[float], codecs: list[str]) 
 def run_eval_longctx(args: argparse.Namespace) -> int:
     from workers.model.loader import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     lengths = [int(n) for n in args.needle_lengths.split(",") if n]
     depths = [float(d) for d in args.needle_depths.split(",") if d]
     budgets = [float(b) for b in args.budgets.split(",") if b]
@@ -305,4 +306,5 @@ def add_eval_longctx_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ppl-windows", type=int, default=2, help="perplexity texts")
     group.add_argument("--ppl-context", type=int, default=4096, help="context tokens before each continuation")
     group.add_argument("--ppl-continuation", type=int, default=256, help="continuation tokens scored")
-    group.add_argument("--observe-window", type=int, default=32, help="prompt queries that score blocks")
+    group.add_argument("--observe-window", type=int, default=EvictionConfig.model_fields["observe_window"].default,
+                       help="prompt queries that score blocks")

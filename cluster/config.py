@@ -53,6 +53,9 @@ class TierConfig(_Strict):
     num_cpus: float = Field(0.5, ge=0, description="per replica; fractional so small machines fit (DESIGN §11)")
     num_gpus: float = Field(0.0, ge=0, description="per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; beyond it requests queue or are refused")
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="a replica being removed (scale-down, redeploy) finishes its requests for at most "
+                                "this long; streams still open then move to another replica")
     min_prompt_tokens: int = Field(0, ge=0, description="decode tiers: prompts at least this long route here")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig overrides for this tier")
 
@@ -66,7 +69,7 @@ class TierConfig(_Strict):
 
 def _default_decode_tiers() -> list[TierConfig]:
     # Long prompts go to a tier that keeps a quarter of each request's KV blocks (value-aware eviction: see
-    # `tierserve eval longctx` for what that costs in quality, README "Long contexts").
+    # `tierserve eval longctx` for what that costs in quality, docs/eviction.md).
     long_engine = {"kv_eviction": {"policy": "value_aware", "budget": 0.25}}
     return [TierConfig(name="default"), TierConfig(name="long", min_prompt_tokens=2048, engine=long_engine)]
 

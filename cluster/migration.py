@@ -3,7 +3,7 @@
 The new replica gets the prompt with the tokens the client already has forced: they are computed one decode step
 each, through the same kernels as on the lost replica, so a greedy (or seeded) stream continues with exactly the
 tokens an undisturbed run gives. Re-prefilling prompt + tokens in one pass is faster but rounds differently and can
-flip a near-tie (measured: docs/operations); it is used only past `migration_replay_max_tokens`.
+flip a near-tie (measured: docs/kv-handoff.md); it is used only past `migration_replay_max_tokens`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class EvictionConfig(BaseModel):
     observe_window: int = Field(32, ge=1, description="prompt queries whose attention scores blocks after prefill")
     value_norm: Literal["l1", "output"] = Field(
         "output", description="value_aware weighting: ||W_O v||_2 (effect on the output, CriticalKV) or ||v||_1 "
-                              "(VATP); measured: README, Long contexts")
+                              "(VATP); measured: docs/eviction.md")
     aggregate: Literal["sum", "max"] = Field(
         "max", description="combine (layer, KV head) votes: the largest share any one gives, or the total")
 

@@ -169,6 +169,10 @@ class TransformersBaseline:
 
 
 def run_engine_bench(args: argparse.Namespace) -> int:
+    if args.against:
+        from cluster.tools.bench_step_ab import run_step_ab_bench
+
+        return run_step_ab_bench(args)
     from cluster.flags import engine_config
     from workers.engine import Engine
 

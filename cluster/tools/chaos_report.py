@@ -1,6 +1,6 @@
 """The chaos bench's records, the outcome tally, the targets check and the table (pure: no Ray, no gRPC).
 
-The JSON document is `asdict(ChaosResult)`; its shape is pinned by tests/unit/test_chaos.py.
+The JSON document is `asdict(ChaosResult)`; its shape is pinned by tests/unit/test_bench_chaos.py.
 Hard invariants (must hold today) and targets (some are known misses while the serving path is being
 fixed) are both booleans in `ChaosResult.targets`, so turning a target into an assertion is one line.
 """

@@ -41,6 +41,11 @@ def add_parsers(sub) -> None:
     bench.add_argument("--skip-baseline", action="store_true", help="engine: skip the transformers baseline")
     bench.add_argument("--rounds", type=int, default=3,
                        help="engine: rounds alternating ours and transformers (medians are reported)")
+    bench.add_argument("--against", default=None, metavar="REV",
+                       help="engine: instead, time the engine step against the step loop of git commit REV, "
+                            "in alternating processes (cluster/tools/bench_step_ab.py)")
+    bench.add_argument("--step-repeats", type=int, default=3,
+                       help="engine --against: repeats of each shape per round")
     bench.add_argument("--prompt-lens", default="32,128,512", help="serve: prompt length mix (tokens)")
     bench.add_argument("--output-lens", default="16,64", help="serve: output length mix (tokens)")
     bench.add_argument("--requests-per-client", type=int, default=2, help="serve: requests per client per level")

@@ -9,9 +9,10 @@ ratio) are only exposed in `result.targets`: asserting one later is one line.
 
 import dataclasses
 import json
-import socket
 
 import pytest
+
+from tests.integration.local_serve import local_serve
 
 pytestmark = pytest.mark.slow
 
@@ -19,34 +20,15 @@ TIER = {"num_cpus": 0.25}
 APP = "chaos"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_target():
-    import ray
-    from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
-
-    from cluster.app import GRPC_SERVICER, build_app
     from cluster.config import ServeConfig
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
-                    http_options=HTTPOptions(port=free_port()))
-        config = ServeConfig.model_validate({
-            "mode": "disaggregated", "engine": {"num_kv_blocks": 256, "max_num_seqs": 48}, "transfer_timeout_s": 5,
-            "prefill": {"name": "prefill", **TIER}, "decode_tiers": [{"name": "default", **TIER}]})
-        serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
+    config = ServeConfig.model_validate({
+        "mode": "disaggregated", "engine": {"num_kv_blocks": 256, "max_num_seqs": 48}, "transfer_timeout_s": 5,
+        "prefill": {"name": "prefill", **TIER}, "decode_tiers": [{"name": "default", **TIER}]})
+    with local_serve(APP, config) as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_chaos_sequence_keeps_the_invariants(app_target, tmp_path):

@@ -72,3 +72,29 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="top level must be a mapping"):
         ServeConfig.from_yaml(path)
+
+
+def test_code_version_ignores_replica_counts_only():
+    """A new replica count scales a tier in place (same version: Serve keeps the replicas); any other change, to
+    the config or the code, restarts them (a new version)."""
+    from cluster.app import code_version
+
+    base = ServeConfig.model_validate({"decode_tiers": [{"name": "default", "num_replicas": 2}]})
+    scaled = ServeConfig.model_validate({"decode_tiers": [{"name": "default", "num_replicas": 1}],
+                                         "prefill": {"name": "prefill", "autoscaling": {"max_replicas": 3}}})
+    changed = ServeConfig.model_validate({"decode_tiers": [{"name": "default", "num_replicas": 2,
+                                                            "engine": {"block_size": 32}}]})
+    assert code_version(base) == code_version(scaled)
+    assert code_version(base) != code_version(changed)
+
+
+def test_build_app_pins_the_version_and_the_graceful_shutdown():
+    from cluster.app import build_app, code_version
+
+    config = ServeConfig.model_validate({"decode_tiers": [{"name": "default", "graceful_shutdown_timeout_s": 3}]})
+    app = build_app(config)
+    router = app._bound_deployment
+    decode = router.init_args[1][0]._bound_deployment
+    assert router.version == decode.version == code_version(config)
+    assert decode.name == "DecodeServer-default"
+    assert decode._deployment_config.graceful_shutdown_timeout_s == 3

@@ -113,7 +113,7 @@ class ScoredEviction(EvictionPolicy):
     ``aggregate`` combines the voters (layer, KV head): "max" (the default) takes the largest share of any one
     voter's votes, so a block a few retrieval heads need survives even when the other heads never look at it (as
     SnapKV's per-head top-k keeps it); "sum" adds every vote (the block's total attention), which lets the many
-    heads that attend broadly outvote a needle (measured: README, Long contexts).
+    heads that attend broadly outvote a needle (measured: docs/eviction.md).
     """
 
     def __init__(self, budget: EvictionBudget, aggregate: str = "max"):

@@ -100,7 +100,8 @@ def describe(check: PostCheck) -> str:
 
 
 def _kill(app: str, deployment: str) -> list[str]:
-    killed = kill_replicas(app, deployment)
+    """One replica dies (with several, the others carry on: the tier's streams move to them)."""
+    killed = kill_replicas(app, deployment, count=1)
     _progress(f"killed {deployment} replicas {killed}")
     return killed
 
@@ -212,7 +213,9 @@ def add_chaos_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--soak-requests", type=int, default=defaults.soak_requests)
     group.add_argument("--soak-concurrency", type=int, default=defaults.soak_concurrency)
     group.add_argument("--soak-tokens", type=int, default=defaults.soak_tokens)
-    group.add_argument("--decode-tier", default=defaults.decode_tier, help="the tier whose replicas are killed")
+    group.add_argument("--decode-tier", default=defaults.decode_tier, help="the tier whose replica is killed")
+    group.add_argument("--decode-replicas", type=int, default=1,
+                       help="embedded app: replicas of the decode tier (one is killed; with 2+ the rest carry on)")
     group.add_argument("--ttft-probes", type=int, default=defaults.ttft_probes)
     group.add_argument("--drain-timeout-s", type=float, default=defaults.drain_timeout_s,
                        help="target: blocks back to 0 within this after a scenario")
@@ -244,7 +247,8 @@ def embedded_config(args: argparse.Namespace, grpc_port: int):
         tier = {"num_cpus": 0.25}
         engine = {"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {"kv_cache_memory_mb": 256}
         base = {"engine": engine, "prefill": {"name": "prefill", **tier},
-                "decode_tiers": [{"name": args.decode_tier, **tier}], "transfer_timeout_s": args.transfer_timeout_s}
+                "decode_tiers": [{"name": args.decode_tier, "num_replicas": args.decode_replicas, **tier}],
+                "transfer_timeout_s": args.transfer_timeout_s}
     if args.model:
         base["model"] = args.model
     return ServeConfig.model_validate({**base, "grpc_port": grpc_port})

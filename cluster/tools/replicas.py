@@ -130,13 +130,15 @@ def replica_process(replica: Replica, timeout_s: float = 10.0) -> ReplicaProcess
     return ReplicaProcess(pid=pid, node_id=node_id)
 
 
-def kill_replicas(app: str, deployment: str) -> list[str]:
-    """Kill every live replica of `deployment` as a crash would (`no_restart=False`: Serve replaces it).
-    Returns the killed replicas' ids."""
+def kill_replicas(app: str, deployment: str, count: int | None = None) -> list[str]:
+    """Kill live replicas of `deployment` as a crash would (`no_restart=False`: Serve replaces them): the first
+    `count` in id order, or all of them. Returns the killed replicas' ids."""
     import ray
 
     killed = []
     for replica in list_replicas(app, deployment):
+        if count is not None and len(killed) >= count:
+            break
         try:
             ray.kill(actor_of(replica), no_restart=False)
         except ValueError:  # already gone

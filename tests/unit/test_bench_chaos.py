@@ -222,6 +222,17 @@ def test_cli_parses_chaos_flags():
     assert build_parser().parse_args(["bench", "serve"]).grpc_port is None  # bench serve falls back to 9000
 
 
+def test_embedded_app_takes_the_decode_replica_count():
+    from cluster.cli import build_parser
+    from cluster.tools.bench_chaos import embedded_config
+
+    args = build_parser().parse_args(["bench", "chaos", "--decode-replicas", "2"])
+    config = embedded_config(args, grpc_port=9123)
+    assert [(tier.name, tier.num_replicas) for tier in config.decode_tiers] == [("default", 2)]
+    assert config.grpc_port == 9123 and embedded_config(build_parser().parse_args(["bench", "chaos"]),
+                                                        9123).decode_tiers[0].num_replicas == 1
+
+
 def test_cli_refuses_a_target_without_a_ray_address():
     from cluster.cli import main
 

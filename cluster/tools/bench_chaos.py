@@ -50,7 +50,11 @@ def run_chaos(options: ChaosOptions, target: str, app: str) -> ChaosResult:
     plans = plan_scenarios(options, pydoc_words())
     # Deployments that hold KV (every replica is asked for its blocks); seen once now, so a deployment whose
     # replicas are all dead is still waited for.
-    deployments = sorted({r.deployment for r in list_replicas(app)} - {ROUTER_DEPLOYMENT})
+    # How many replicas each has now: after a kill, recovery means that many answer again (Serve notices a kill
+    # only at its next health check, so until then a deployment with a survivor still looks healthy).
+    replica_counts = {d: len(list_replicas(app, d)) for d in sorted({r.deployment for r in list_replicas(app)}
+                                                                    - {ROUTER_DEPLOYMENT})}
+    deployments = list(replica_counts)
     sampler = RssSampler(app, options.rss_period_s).start()
     _progress(f"app {app!r} at {target}: KV deployments {deployments}; probing TTFT")
     probe_ttft(target, app, TTFT_PROBE_PROMPT, options.ttft_probe_tokens, 1, options.request_timeout_s)  # warm-up
@@ -70,7 +74,7 @@ def run_chaos(options: ChaosOptions, target: str, app: str) -> ChaosResult:
             identical = compared = None
             if plan.compare_to is not None:
                 identical, compared = count_identical(results, by_name[plan.compare_to])
-            after = post_check(app, deployments, target, options)
+            after = post_check(app, replica_counts, target, options)
             outcomes = tally(plan, results)
             result.scenarios.append(ScenarioResult(
                 name=plan.name, requests=len(plan.requests), outcomes=outcomes, latency=latency(results),
@@ -78,7 +82,7 @@ def run_chaos(options: ChaosOptions, target: str, app: str) -> ChaosResult:
                 compared=compared, faults=events, wall_s=wall_s, after=after, failures=unexpected(plan, results)))
             _progress(f"{plan.name}: {outcomes.by_outcome} in {wall_s:.1f} s; after: {describe(after)}")
         _progress("final check")
-        result.final = post_check(app, deployments, target, options)
+        result.final = post_check(app, replica_counts, target, options)
         _progress(f"final: {describe(result.final)}")
     finally:
         result.rss = sampler.stop()
@@ -106,9 +110,10 @@ def _kill(app: str, deployment: str) -> list[str]:
     return killed
 
 
-def post_check(app: str, deployments: list[str], target: str, options: ChaosOptions) -> PostCheck:
+def post_check(app: str, replica_counts: dict[str, int], target: str, options: ChaosOptions) -> PostCheck:
     """Wait for replaced replicas, poll blocks until idle (or the settle timeout), then probe TTFT."""
-    recover_s = wait_for_replicas(app, deployments, options.recover_timeout_s)
+    deployments = list(replica_counts)
+    recover_s = wait_for_replicas(app, replica_counts, options.recover_timeout_s)
     started = time.perf_counter()
     deadline = started + max(options.drain_timeout_s, options.settle_timeout_s)
     seconds_to_zero = None
@@ -134,16 +139,17 @@ def post_check(app: str, deployments: list[str], target: str, options: ChaosOpti
                      ttft_ms=ttft)
 
 
-def wait_for_replicas(app: str, deployments: list[str], timeout_s: float) -> float | None:
-    """Seconds until every deployment has live replicas that all answer kv_stats; None if not within timeout_s
-    (Serve notices a killed replica at its next health check, then loads the model again)."""
+def wait_for_replicas(app: str, replica_counts: dict[str, int], timeout_s: float) -> float | None:
+    """Seconds until every deployment has its replica count back, all answering kv_stats; None if not within
+    timeout_s (Serve notices a killed replica at its next health check, then loads the model again)."""
     started = time.perf_counter()
     while True:
         # Serve's view first: a replica still initializing answers a call with an error (and a logged traceback).
-        # It lags a kill by up to a health-check period, so every replica must answer too.
+        # It lags a kill by up to a health-check period, so every replica must answer too, and as many as before.
         ready = deployments_healthy(app) and all(
-            answers and not any(isinstance(a, ReplicaError) for a in answers.values())
-            for answers in (call_each_replica(app, d, "kv_stats", timeout_s=5.0) for d in deployments))
+            len(answers) >= count and not any(isinstance(a, ReplicaError) for a in answers.values())
+            for answers, count in ((call_each_replica(app, d, "kv_stats", timeout_s=5.0), count)
+                                   for d, count in replica_counts.items()))
         if ready:
             return time.perf_counter() - started
         if time.perf_counter() - started > timeout_s:

@@ -217,9 +217,11 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
+        # Planned even when nothing runs: a step can preempt every running request and schedule none (blocks held
+        # for export or reserved for imports), and plan drops the preempted requests' scores.
+        model_input = self.eviction.plan(scheduler_output)
         if scheduler_output.is_empty:
             return []
-        model_input = self.eviction.plan(scheduler_output)
         model_output = self.runner.execute(model_input)
         self.eviction.observe(model_input, model_output)
         outputs = self.scheduler.update(scheduler_output, model_output)

@@ -262,3 +262,22 @@ def test_max_aggregation_keeps_a_block_one_voter_needs():
     scores = [broad, focused]
     assert make_eviction_policy("h2o", budget, aggregate="sum").select(candidate(8, scores)) == [2, 3, 4, 5]
     assert make_eviction_policy("h2o", budget).select(candidate(8, scores)) == [1, 2, 4, 5]  # max: the default
+
+
+def test_a_step_that_only_preempts_still_drops_the_preempted_scores(tiny_loaded):
+    """Blocks reserved for an import leave the lone running request no room: it preempts itself and the step
+    schedules nothing. Its votes must still go (a recompute votes afresh over a table without evictions)."""
+    engine = make_engine(tiny_loaded, num_kv_blocks=6, **eviction("h2o", budget=1.0))
+    engine.add_request("r", prompt_token_ids=[5, 6, 7, 8, 9, 10, 11],
+                       params=SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    engine.step()  # prefill: 2 blocks
+    reserved = engine.make_sequence("imp", prompt_token_ids=[5] * 16, params=SamplingParams(max_tokens=1))
+    assert engine.reserve_import(reserved) is not None  # the other 4 blocks
+    engine.step()  # a decode: h2o votes
+    assert engine.eviction.scores_of("r") is not None
+    assert engine.step() == [] and engine.scheduler.num_preemptions == 1  # no block for position 8
+    assert engine.eviction.scores_of("r") is None
+    assert engine.release_kv("imp")
+    while engine.has_unfinished():
+        engine.step()
+    assert_no_blocks_held(engine)

@@ -13,7 +13,6 @@ from cluster.config import ServeConfig
 from cluster.flags import add_sampling_options, add_serve_options, serve_overrides
 
 APP_NAME = "tierserve"
-ROUTE_PREFIX = "/tierserve"
 GENERATE_SAMPLING = ("max_tokens", "temperature", "seed")
 
 

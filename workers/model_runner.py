@@ -33,8 +33,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> ModelOutput:
         requests = model_input.requests
-        decode_rows = [index for index in range(len(requests)) if model_input.is_decode_row(index)]
-        prefill_rows = [index for index in range(len(requests)) if not model_input.is_decode_row(index)]
+        decode_rows: list[int] = []
+        prefill_rows: list[int] = []
+        for index in range(len(requests)):
+            (decode_rows if model_input.is_decode_row(index) else prefill_rows).append(index)
         block_size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

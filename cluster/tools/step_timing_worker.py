@@ -70,8 +70,7 @@ def main() -> None:
     vocab_size = loaded.config.vocab_size
     result: dict[str, float] = {}
     for seed, (name, (count, prompt_len, decode_steps, options)) in enumerate(SHAPES.items()):
-        engine = Engine(base.model_copy(update=options) if "kv_eviction" not in options
-                        else EngineConfig(**{**base.model_dump(), **options}), loaded=loaded)
+        engine = Engine(EngineConfig(**{**base.model_dump(), **options}), loaded=loaded)  # validated, nested too
         time_shape(engine, vocab_size, count, prompt_len, min(decode_steps, 2), 1, 10_000)  # warm-up
         result[name] = time_shape(engine, vocab_size, count, prompt_len, decode_steps, repeats, seed * 100)
     print(json.dumps(result))

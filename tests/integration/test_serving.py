@@ -4,7 +4,6 @@ Two applications run side by side on one embedded Ray: `disagg` (prefill tier + 
 a gloo channel per replica pair) and `unified` (one tier does both). Replicas ask fractional CPUs (2-core CI).
 """
 
-import socket
 import threading
 import time
 
@@ -13,17 +12,12 @@ import pytest
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from tests.integration.local_serve import free_port
 
 pytestmark = pytest.mark.slow
 
 TIER = {"num_cpus": 0.25}
 CLUSTER_STATE: dict[str, int] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

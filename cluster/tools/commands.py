@@ -1,4 +1,4 @@
-"""The offline tools' commands: `tierserve bench`, `tierserve eval`, `tierserve calibrate`."""
+"""The offline tools' commands: `tierserve bench`, `tierserve eval`, `tierserve calibrate`, `tierserve models`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 
 from cluster.flags import add_engine_options
 from cluster.tools.calibrate import cmd_calibrate
+from cluster.tools.models import add_parser as add_models_parser
 
 
 # target -> (module, function): each tool is imported only when it runs (torch, Ray, matplotlib are heavy).
@@ -76,3 +77,5 @@ def add_parsers(sub) -> None:
     calibrate.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc_data.topics, its tail)")
     calibrate.add_argument("--windows", type=int, default=4, help="512-token windows to run")
     calibrate.set_defaults(func=cmd_calibrate)
+
+    add_models_parser(sub)

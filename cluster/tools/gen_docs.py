@@ -45,13 +45,14 @@ def fixed_columns() -> Iterator[None]:
             os.environ["COLUMNS"] = saved
 
 
-def _commands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
-    """Every command's parser, in the order `tierserve --help` lists them (argparse keeps them on its action)."""
-    found = [("tierserve", parser)]
+def _commands(parser: argparse.ArgumentParser, title: str = "tierserve") -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every command's parser (and its subcommands': `tierserve models list`), in the order `tierserve --help` lists
+    them (argparse keeps them on its action)."""
+    found = [(title, parser)]
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                found += [(f"tierserve {name}", sub)]
+                found += _commands(sub, f"{title} {name}")
     return found
 
 

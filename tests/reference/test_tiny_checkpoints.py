@@ -58,7 +58,7 @@ def test_hf_checkpoint_logits_match_transformers(tmp_path, variant):
     assert (ours - theirs).abs().max().item() < FP32_ATOL
 
 
-@pytest.mark.parametrize("quant", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("quant", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
 def test_gguf_loader_unpermutes_and_dequantizes(tmp_path, quant):
     """A tiny GGUF written like llama.cpp's converter (Q/K rows permuted) must load back to HF-equal logits.
 

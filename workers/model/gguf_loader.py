@@ -18,7 +18,7 @@ from kernels.quant_linear import BLOCK_QUANT_TYPES, BlockQuantRows
 from workers.model.config import ModelConfig, RopeScaling, UnsupportedModelError
 
 # GGML quant types we dequantize. Anything else is rejected by name before any work is done.
-SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")
 
 # GGUF tensor name -> HF name ({i} is the layer index).
 _GGUF_TO_HF = (

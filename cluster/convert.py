@@ -25,7 +25,8 @@ def sampling_from_proto(sampling: pb.SamplingParams) -> SamplingInput:
         max_tokens=_optional(sampling, "max_tokens"), temperature=_optional(sampling, "temperature"),
         top_p=_optional(sampling, "top_p"), top_k=_optional(sampling, "top_k"), seed=_optional(sampling, "seed"),
         stop=tuple(sampling.stop), stop_token_ids=tuple(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
-        logprobs=sampling.logprobs, skip_special_tokens=_optional(sampling, "skip_special_tokens"))
+        logprobs=sampling.logprobs, skip_special_tokens=_optional(sampling, "skip_special_tokens"),
+        speculative=_optional(sampling, "speculative"))
 
 
 def chat_from_proto(chat: pb.ChatMessages) -> tuple[ChatMessage, ...]:
@@ -56,7 +57,8 @@ def response_from_chunk(chunk: StreamChunk) -> pb.GenerateResponse:
         text=output.new_text,
         finish_reason=FINISH_REASONS[output.finish_reason],
         usage=pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
-                       cached_tokens=output.num_cached_tokens),
+                       cached_tokens=output.num_cached_tokens, draft_tokens=output.num_draft_tokens,
+                       accepted_draft_tokens=output.num_accepted_tokens),
         timing=pb.Timing(ttft_s=chunk.ttft_s, total_s=chunk.total_s),
         logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                   top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])

@@ -47,6 +47,15 @@ class EngineMetrics:
         self.blocks_evicted = metrics.Counter("tierserve_kv_blocks_evicted_total",
                                               "KV blocks dropped by the eviction policy", tag_keys=("tier", "role"))
         self._evicted_seen = 0
+        # Speculative decoding, fed the same way from the engine's SpecStats: acceptance = accepted / draft tokens,
+        # tokens per verify pass = emitted / passes (dashboards divide the rates).
+        self.spec_counters = {
+            name: metrics.Counter(f"tierserve_spec_{name}_total", help_text, tag_keys=("tier", "role"))
+            for name, help_text in (("verify_passes", "request-steps that verified drafts"),
+                                    ("draft_tokens", "draft tokens verified"),
+                                    ("accepted_tokens", "draft tokens accepted"),
+                                    ("emitted_tokens", "tokens emitted by verify passes"))}
+        self._spec_seen = dict.fromkeys(self.spec_counters, 0)
         self._engine = engine
         self._period_s = period_s
         threading.Thread(target=self._sample_forever, name="tierserve-metrics", daemon=True).start()
@@ -68,4 +77,14 @@ class EngineMetrics:
             if evicted > self._evicted_seen:
                 self.blocks_evicted.inc(evicted - self._evicted_seen, tags=self._tags)
                 self._evicted_seen = evicted
+            speculator = getattr(self._engine, "speculator", None)
+            if speculator is not None:
+                self._add_spec(speculator.stats)
             time.sleep(self._period_s)
+
+    def _add_spec(self, stats) -> None:
+        for name, counter in self.spec_counters.items():
+            value = getattr(stats, f"num_{name}")
+            if value > self._spec_seen[name]:
+                counter.inc(value - self._spec_seen[name], tags=self._tags)
+                self._spec_seen[name] = value

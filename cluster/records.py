@@ -44,6 +44,7 @@ class SamplingInput:
     ignore_eos: bool = False
     logprobs: int = 0
     skip_special_tokens: bool | None = None
+    speculative: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x0ctierserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tierserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc0\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12 \n\x13skip_special_tokens\x18\n \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"\xe6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.tierserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x16.tierserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.tierserve.v1.SamplingParams\x12\x0c\n\x04tier\x18\x07 \x01(\tB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\")\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.tierserve.v1.TopLogprob\"\x80\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tierserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tierserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.tierserve.v1.Timing\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.tierserve.v1.TokenLogprob\x12\x0c\n\x04tier\x18\x08 \x01(\t\"\x80\x02\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tierserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tierserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.tierserve.v1.Timing\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.tierserve.v1.TokenLogprob\x12\x0c\n\x04tier\x18\x08 \x01(\t\"g\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.tierserve.v1.ChatMessagesH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x13\n\x11ListModelsRequest\"Q\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\r\n\x05tiers\x18\x04 \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tierserve.v1.ModelInfo\"\x0f\n\rHealthRequest\"\x95\x01\n\x0eHealthResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.tierserve.v1.HealthResponse.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x84\x03\n\tInference\x12K\n\x08Generate\x12\x1d.tierserve.v1.GenerateRequest\x1a\x1e.tierserve.v1.GenerateResponse0\x01\x12I\n\x08\x43omplete\x12\x1d.tierserve.v1.GenerateRequest\x1a\x1e.tierserve.v1.CompleteResponse\x12I\n\x08Tokenize\x12\x1d.tierserve.v1.TokenizeRequest\x1a\x1e.tierserve.v1.TokenizeResponse\x12O\n\nListModels\x12\x1f.tierserve.v1.ListModelsRequest\x1a .tierserve.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.tierserve.v1.HealthRequest\x1a\x1c.tierserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x0ctierserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tierserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xea\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12 \n\x13skip_special_tokens\x18\n \x01(\x08H\x05\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x0b \x01(\x08H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x16\n\x14_skip_special_tokensB\x0e\n\x0c_speculative\"\xe6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.tierserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x16.tierserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.tierserve.v1.SamplingParams\x12\x0c\n\x04tier\x18\x07 \x01(\tB\x07\n\x05input\"\x85\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x05 \x01(\x05\")\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.tierserve.v1.TopLogprob\"\x80\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tierserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tierserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.tierserve.v1.Timing\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.tierserve.v1.TokenLogprob\x12\x0c\n\x04tier\x18\x08 \x01(\t\"\x80\x02\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tierserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tierserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.tierserve.v1.Timing\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.tierserve.v1.TokenLogprob\x12\x0c\n\x04tier\x18\x08 \x01(\t\"g\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.tierserve.v1.ChatMessagesH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x13\n\x11ListModelsRequest\"Q\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\r\n\x05tiers\x18\x04 \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tierserve.v1.ModelInfo\"\x0f\n\rHealthRequest\"\x95\x01\n\x0eHealthResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.tierserve.v1.HealthResponse.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x84\x03\n\tInference\x12K\n\x08Generate\x12\x1d.tierserve.v1.GenerateRequest\x1a\x1e.tierserve.v1.GenerateResponse0\x01\x12I\n\x08\x43omplete\x12\x1d.tierserve.v1.GenerateRequest\x1a\x1e.tierserve.v1.CompleteResponse\x12I\n\x08Tokenize\x12\x1d.tierserve.v1.TokenizeRequest\x1a\x1e.tierserve.v1.TokenizeResponse\x12O\n\nListModels\x12\x1f.tierserve.v1.ListModelsRequest\x1a .tierserve.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.tierserve.v1.HealthRequest\x1a\x1c.tierserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2006
-  _globals['_FINISHREASON']._serialized_end=2126
+  _globals['_FINISHREASON']._serialized_start=2102
+  _globals['_FINISHREASON']._serialized_end=2222
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHATMESSAGES']._serialized_start=86
@@ -40,37 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=147
   _globals['_TOKENIDS']._serialized_end=170
   _globals['_SAMPLINGPARAMS']._serialized_start=173
-  _globals['_SAMPLINGPARAMS']._serialized_end=493
-  _globals['_GENERATEREQUEST']._serialized_start=496
-  _globals['_GENERATEREQUEST']._serialized_end=726
-  _globals['_USAGE']._serialized_start=728
-  _globals['_USAGE']._serialized_end=808
-  _globals['_TIMING']._serialized_start=810
-  _globals['_TIMING']._serialized_end=851
-  _globals['_TOPLOGPROB']._serialized_start=853
-  _globals['_TOPLOGPROB']._serialized_end=900
-  _globals['_TOKENLOGPROB']._serialized_start=902
-  _globals['_TOKENLOGPROB']._serialized_end=990
-  _globals['_GENERATERESPONSE']._serialized_start=993
-  _globals['_GENERATERESPONSE']._serialized_end=1249
-  _globals['_COMPLETERESPONSE']._serialized_start=1252
-  _globals['_COMPLETERESPONSE']._serialized_end=1508
-  _globals['_TOKENIZEREQUEST']._serialized_start=1510
-  _globals['_TOKENIZEREQUEST']._serialized_end=1613
-  _globals['_TOKENIZERESPONSE']._serialized_start=1615
-  _globals['_TOKENIZERESPONSE']._serialized_end=1668
-  _globals['_LISTMODELSREQUEST']._serialized_start=1670
-  _globals['_LISTMODELSREQUEST']._serialized_end=1689
-  _globals['_MODELINFO']._serialized_start=1691
-  _globals['_MODELINFO']._serialized_end=1772
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1774
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1835
-  _globals['_HEALTHREQUEST']._serialized_start=1837
-  _globals['_HEALTHREQUEST']._serialized_end=1852
-  _globals['_HEALTHRESPONSE']._serialized_start=1855
-  _globals['_HEALTHRESPONSE']._serialized_end=2004
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1942
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=2004
-  _globals['_INFERENCE']._serialized_start=2129
-  _globals['_INFERENCE']._serialized_end=2517
+  _globals['_SAMPLINGPARAMS']._serialized_end=535
+  _globals['_GENERATEREQUEST']._serialized_start=538
+  _globals['_GENERATEREQUEST']._serialized_end=768
+  _globals['_USAGE']._serialized_start=771
+  _globals['_USAGE']._serialized_end=904
+  _globals['_TIMING']._serialized_start=906
+  _globals['_TIMING']._serialized_end=947
+  _globals['_TOPLOGPROB']._serialized_start=949
+  _globals['_TOPLOGPROB']._serialized_end=996
+  _globals['_TOKENLOGPROB']._serialized_start=998
+  _globals['_TOKENLOGPROB']._serialized_end=1086
+  _globals['_GENERATERESPONSE']._serialized_start=1089
+  _globals['_GENERATERESPONSE']._serialized_end=1345
+  _globals['_COMPLETERESPONSE']._serialized_start=1348
+  _globals['_COMPLETERESPONSE']._serialized_end=1604
+  _globals['_TOKENIZEREQUEST']._serialized_start=1606
+  _globals['_TOKENIZEREQUEST']._serialized_end=1709
+  _globals['_TOKENIZERESPONSE']._serialized_start=1711
+  _globals['_TOKENIZERESPONSE']._serialized_end=1764
+  _globals['_LISTMODELSREQUEST']._serialized_start=1766
+  _globals['_LISTMODELSREQUEST']._serialized_end=1785
+  _globals['_MODELINFO']._serialized_start=1787
+  _globals['_MODELINFO']._serialized_end=1868
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1870
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1931
+  _globals['_HEALTHREQUEST']._serialized_start=1933
+  _globals['_HEALTHREQUEST']._serialized_end=1948
+  _globals['_HEALTHRESPONSE']._serialized_start=1951
+  _globals['_HEALTHRESPONSE']._serialized_end=2100
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=2038
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=2100
+  _globals['_INFERENCE']._serialized_start=2225
+  _globals['_INFERENCE']._serialized_end=2613
 # @@protoc_insertion_point(module_scope)

@@ -38,6 +38,34 @@ class EvictionConfig(BaseModel):
         return self
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding in decode and unified engines (workers/spec): a drafter proposes, the target verifies
+    in one pass; greedy output is identical to plain decoding and sampling keeps the target distribution."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["none", "ngram", "draft_model"] = Field(
+        "none", description="the drafter: ngram = prompt lookup (no weights); draft_model = a smaller model with "
+                            "the target's vocabulary (draft_model), its own paged KV in the same replica")
+    draft_model: str | None = Field(None, description="draft_model: GGUF file, HF directory or registry name")
+    draft_kv_cache_memory_mb: int = Field(256, ge=1, description="draft_model: the draft model's KV pool")
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="drafts per step at most, per request")
+    ngram_max: int = Field(4, ge=1, description="ngram: the longest suffix looked up in the context")
+    ngram_min: int = Field(2, ge=1, description="ngram: the shortest suffix that may propose")
+    max_batch_size: int = Field(8, ge=0, description="back off: no drafting while more requests than this run "
+                                                    "(a verify pass is no longer free when the batch is large)")
+    min_acceptance: float = Field(0.2, ge=0, le=1, description="a request whose recent drafts are accepted less "
+                                                               "often than this drafts one token at a time")
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> "SpeculativeConfig":
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"speculative: ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})")
+        if self.method == "draft_model" and not self.draft_model:
+            raise ValueError("speculative: method draft_model needs draft_model (a model path or name)")
+        return self
+
+
 class EngineConfig(BaseModel):
     """One engine (one replica's, or `tierserve run`'s): the model, the KV cache and the step budget."""
 
@@ -80,6 +108,8 @@ class EngineConfig(BaseModel):
         "unified", description="set by the deployment: a prefill or decode tier's engine, or both in one (unified)")
     kv_eviction: EvictionConfig = Field(default_factory=EvictionConfig,
                                         description="long-context KV eviction (decode and unified roles)")
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig,
+                                           description="speculative decoding (decode and unified roles)")
 
     @field_validator("kv_codec")
     @classmethod

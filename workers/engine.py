@@ -1,8 +1,9 @@
 """Engine: a thin facade over the step's parts; add_request / step / abort, hold / reserve / import.
 
 One step, as records (workers/step.py):
-    Scheduler.schedule() -> SchedulerOutput -> EvictionHook.plan -> ModelInput -> ModelRunner.execute
-    -> ModelOutput -> EvictionHook.observe -> Scheduler.update -> RequestOutputs -> EvictionHook.after_update
+    [Speculator.propose: drafts] -> Scheduler.schedule() -> SchedulerOutput -> EvictionHook.plan -> ModelInput
+    -> ModelRunner.execute -> ModelOutput -> EvictionHook.observe [-> Speculator.observe] -> Scheduler.update
+    -> RequestOutputs -> EvictionHook.after_update
 The scheduler owns the request lifecycle (advancing, stops, finishing, holds, reservations); eviction is a
 step hook. No Ray here: a plain process can own an Engine (tests, benchmarks, `tierserve run`).
 """
@@ -33,6 +34,8 @@ from workers.outputs import Completion, RequestOutput
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence
+from workers.spec.policy import SpecPolicy
+from workers.spec.speculator import Speculator, make_drafter
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,12 @@ class Engine:
         self.eviction = EvictionHook(policy, self.kv, self.scheduler.requests, weight_store, maps)
         self.runner = ModelRunner(self.model, self.codec, self.kv_pages, self.block_size,
                                   native_decode=config.native_decode_layers)
+        spec = config.speculative
+        self.speculator: Speculator | None = None
+        if spec.method != "none" and config.role != "prefill":  # a prefill tier samples one token: nothing to draft
+            self.speculator = Speculator(make_drafter(config, model_config.vocab_size),
+                                         SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size,
+                                                    spec.min_acceptance), self.max_model_len)
         self._bytes_per_block = bytes_per_block
         if config.freeze_gc_heap:
             freeze_gc_heap()  # last: everything the engine keeps for its lifetime exists by now
@@ -139,7 +148,7 @@ class Engine:
             return None
         output = self.scheduler.abort(request_id)
         if output is not None:
-            self.eviction.forget(request_id)
+            self._forget(request_id)
         return output
 
     # ---- disaggregation: prefill side ---------------------------------------------------------------
@@ -164,7 +173,7 @@ class Engine:
         e.g. by a local prefill); the caller frees them with free_detached(seq) once nothing can write into them."""
         seq = self.scheduler.detach(request_id, owner)
         if seq is not None:
-            self.eviction.forget(request_id)
+            self._forget(request_id)
         return seq
 
     def free_detached(self, seq: Sequence) -> None:
@@ -193,7 +202,7 @@ class Engine:
         output = self.scheduler.append_token(seq, first_token_id, None)
         seq.prefill_done = True
         if output.finished:
-            self.eviction.forget(request_id)
+            self._forget(request_id)
         else:
             self.eviction.evict_over_budget(seq)  # as a unified engine would right after the prefill step
         return output
@@ -215,7 +224,15 @@ class Engine:
                        bytes_per_block=self._bytes_per_block, num_evicted_blocks=self.eviction.num_evicted_blocks)
 
     # ---- the loop -------------------------------------------------------------------------------
+    def _forget(self, request_id: str) -> None:
+        """The request left the engine: drop what the step hooks kept for it."""
+        self.eviction.forget(request_id)
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
+
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         scheduler_output = self.scheduler.schedule()
         # Planned even when nothing runs: a step can preempt every running request and schedule none (blocks held
         # for export or reserved for imports), and plan drops the preempted requests' scores.
@@ -224,10 +241,12 @@ class Engine:
             return []
         model_output = self.runner.execute(model_input)
         self.eviction.observe(model_input, model_output)
+        if self.speculator is not None:
+            self.speculator.observe(scheduler_output, model_output)
         outputs = self.scheduler.update(scheduler_output, model_output)
         for output in outputs:
             if output.finished and output.request_id not in self.scheduler.held:
-                self.eviction.forget(output.request_id)
+                self._forget(output.request_id)
         self.eviction.after_update(scheduler_output)
         return outputs
 

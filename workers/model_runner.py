@@ -1,7 +1,9 @@
 """ModelRunner: ModelInput (plain records) -> flat tensors + AttentionMetadata -> model -> logits -> sampled tokens.
 
 Decode rows come first in the flattened batch (one token each), then prefill chunks; logits are
-computed only for rows that end a request's known tokens (the lm_head is the largest matmul).
+computed only for rows that end a request's known tokens (the lm_head is the largest matmul), and for a
+decode with drafts (speculative decoding) at its last known token and at every draft: the chunk path scores
+them in one pass (as k + 1 decode rows), and workers/spec/verify.py keeps the accepted prefix.
 The runner keeps no per-request state: everything it needs comes in the ModelInput.
 
 # T=tokens in the step, N=rows to sample, V=vocab, Bd=decode sequences, M=max blocks per decode sequence
@@ -15,8 +17,10 @@ from workers.attention import AttentionMetadata, PrefillChunk
 from workers.kv.codecs import KVCodec, LayerPages
 from workers.model.llama import LlamaForCausalLM
 from workers.model.native_decode import NativeDecodeLayers
+from kernels.fused_ops import argmax_rows
 from workers.sampler import sample
-from workers.step import ModelInput, ModelOutput
+from workers.spec.verify import verify_drafts
+from workers.step import ModelInput, ModelOutput, ScheduledRequest
 
 
 class ModelRunner:
@@ -44,14 +48,26 @@ class ModelRunner:
         sample_rows: list[int] = []
         sampled: list[int] = []
 
+        # A decode with k drafts is k + 1 decode rows: row i computes token i at position start + i and attends
+        # to the held K/V through its own. Every row's K/V is written before any row attends, so the rows see
+        # each other causally: the same pass plain decoding runs, one row per token (and the same kernels).
+        row_requests: list[int] = []  # request index of each decode row
+        verify_rows: dict[int, int] = {}  # request index -> its first row in verify_sample_rows (k + 1 rows)
+        verify_sample_rows: list[int] = []  # sampled after the plain rows
         for index in decode_rows:
             request = requests[index]
-            position = request.start_position
-            input_ids.append(request.token_ids[0])
-            positions.append(position)  # the true position: RoPE never sees evictions
-            held = position - request.num_evicted_tokens  # where its K/V goes among the held blocks
-            slots.append(request.block_table[held // block_size] * block_size + held % block_size)
-            if request.samples:
+            if request.draft_token_ids:
+                verify_rows[index] = len(verify_sample_rows)
+            for offset, token_id in enumerate(request.token_ids + request.draft_token_ids):
+                position = request.start_position + offset
+                input_ids.append(token_id)
+                positions.append(position)  # the true position: RoPE never sees evictions
+                held = position - request.num_evicted_tokens  # where its K/V goes among the held blocks
+                slots.append(request.block_table[held // block_size] * block_size + held % block_size)
+                row_requests.append(index)
+                if request.draft_token_ids:
+                    verify_sample_rows.append(len(input_ids) - 1)
+            if request.samples and not request.draft_token_ids:
                 sample_rows.append(len(input_ids) - 1)
                 sampled.append(index)
 
@@ -74,18 +90,18 @@ class ModelRunner:
                 sampled.append(index)
 
         decode_block_tables = decode_seq_lens = None
-        if decode_rows:
-            tables = [requests[index].block_table for index in decode_rows]
+        if row_requests:
+            tables = [requests[index].block_table for index in row_requests]
             max_blocks = max(len(table) for table in tables)
             decode_block_tables = torch.tensor([table + (0,) * (max_blocks - len(table)) for table in tables],
                                                dtype=torch.int32, device=self.device)
-            # Held K/V after this step's write: the positions before it, less the evicted ones, plus its own.
+            # Held K/V after this step's write: the positions before the row, less the evicted ones, plus its own.
             decode_seq_lens = torch.tensor(
-                [requests[index].start_position - requests[index].num_evicted_tokens + 1 for index in decode_rows],
-                dtype=torch.int32, device=self.device)
+                [position - requests[index].num_evicted_tokens + 1
+                 for position, index in zip(positions, row_requests)], dtype=torch.int32, device=self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            num_decode_tokens=len(decode_rows),
+            num_decode_tokens=len(row_requests),
             decode_block_tables=decode_block_tables,
             decode_seq_lens=decode_seq_lens,
             prefills=tuple(chunks),
@@ -98,9 +114,33 @@ class ModelRunner:
             hidden = self.native_decode.forward(input_ids_tensor, positions_tensor, meta)
         if hidden is None:
             hidden = self.model(input_ids_tensor, positions_tensor, self.kv_pages, self.codec, meta)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)])
-        rows = [requests[index] for index in sampled]
-        tokens = sample(logits.cpu(), [r.params for r in rows], [r.generator for r in rows],
-                        [r.forced_token_id for r in rows])
-        return ModelOutput(sampled=tuple(sampled), token_ids=tuple(tokens.token_ids), logprobs=tuple(tokens.logprobs),
-                           decode_rows=tuple(decode_rows))
+        rows = torch.tensor(sample_rows + verify_sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        return self._sample(requests, logits.cpu(), sampled, verify_rows, tuple(row_requests))
+
+    def _sample(self, requests: tuple[ScheduledRequest, ...], logits: torch.Tensor, sampled: list[int],
+                verify_rows: dict[int, int], decode_rows: tuple[int, ...]) -> ModelOutput:
+        """logits [N, V]: a row per plain sampled request (in `sampled` order), then k + 1 per verified request
+        (at verify_rows' offsets after the plain ones)."""
+        plain = [requests[index] for index in sampled]
+        token_ids: list[tuple[int, ...]] = []
+        logprobs: list[tuple] = []
+        if plain:
+            tokens = sample(logits[:len(plain)], [r.params for r in plain], [r.generator for r in plain],
+                            [r.forced_token_id for r in plain])
+            token_ids = [(token_id,) for token_id in tokens.token_ids]
+            logprobs = [(entry,) for entry in tokens.logprobs]
+        if verify_rows:
+            greedy = argmax_rows(logits[len(plain):]).tolist()  # one batched argmax for every verified row
+            for index, offset in verify_rows.items():
+                request = requests[index]
+                num_rows = len(request.draft_token_ids) + 1
+                first_row = len(plain) + offset
+                verified = verify_drafts(logits[first_row:first_row + num_rows], greedy[offset:offset + num_rows],
+                                         request.draft_token_ids, request.params, request.generator,
+                                         request.draft_probs)
+                sampled.append(index)
+                token_ids.append(verified.token_ids)
+                logprobs.append(verified.logprobs)
+        return ModelOutput(sampled=tuple(sampled), token_ids=tuple(token_ids), logprobs=tuple(logprobs),
+                           decode_rows=decode_rows)

@@ -23,6 +23,8 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified for the request so far
+    num_accepted_tokens: int = 0  # of which accepted
 
 
 class TextState:
@@ -88,6 +90,8 @@ class Completion:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def add(self, output: RequestOutput) -> None:
         self.token_ids.extend(output.new_token_ids)
@@ -97,3 +101,5 @@ class Completion:
         self.finish_reason = output.finish_reason
         self.num_prompt_tokens = output.num_prompt_tokens
         self.num_cached_tokens = output.num_cached_tokens
+        self.num_draft_tokens = output.num_draft_tokens
+        self.num_accepted_tokens = output.num_accepted_tokens

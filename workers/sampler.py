@@ -29,12 +29,11 @@ class SamplerOutput:
 def sample(logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[torch.Generator | None],
            forced: Seq[int | None] | None = None) -> SamplerOutput:
     """logits [N, V] float32 (raw model output) -> one token per row; a row's forced token replaces its draw."""
-    num_rows = logits.shape[0]
     token_ids = argmax_rows(logits)  # [N]; greedy rows keep this
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
         rows = torch.tensor(random_rows)
-        probs = _filtered_probs(logits[rows], [params[i] for i in random_rows])  # [R, V]
+        probs = filtered_probs(logits[rows], [params[i] for i in random_rows])  # [R, V]
         for j, i in enumerate(random_rows):
             noise = torch.empty_like(probs[j]).exponential_(generator=generators[i])
             token_ids[i] = (probs[j] / noise).argmax()
@@ -42,23 +41,29 @@ def sample(logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[to
     for i, token_id in enumerate(forced or ()):
         if token_id is not None:
             token_list[i] = token_id
-    logprobs: list[TokenLogprobs | None] = [None] * num_rows
-    wanted = [i for i, p in enumerate(params) if p.logprobs > 0]
-    if wanted:
-        log_probs = torch.log_softmax(logits[wanted], dim=-1)  # [W, V], of the raw distribution
-        top_n = max(params[i].logprobs for i in wanted)
-        top_values, top_ids = log_probs.topk(top_n, dim=-1)
-        for j, i in enumerate(wanted):
-            n = params[i].logprobs
-            logprobs[i] = TokenLogprobs(
-                token_id=token_list[i],
-                logprob=float(log_probs[j, token_list[i]]),
-                top=tuple(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist())),
-            )
+    logprobs = score_tokens(logits, token_list, [p.logprobs for p in params])
     return SamplerOutput(token_ids=token_list, logprobs=logprobs)
 
 
-def _filtered_probs(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
+def score_tokens(logits: torch.Tensor, token_ids: Seq[int], num_logprobs: Seq[int]) -> list[TokenLogprobs | None]:
+    """logits [N, V] raw -> each row's chosen token's logprob and its top-n alternatives (None where n is 0)."""
+    logprobs: list[TokenLogprobs | None] = [None] * len(token_ids)
+    wanted = [i for i, n in enumerate(num_logprobs) if n > 0]
+    if not wanted:
+        return logprobs
+    log_probs = torch.log_softmax(logits[wanted], dim=-1)  # [W, V], of the raw distribution
+    top_values, top_ids = log_probs.topk(max(num_logprobs[i] for i in wanted), dim=-1)
+    for j, i in enumerate(wanted):
+        n = num_logprobs[i]
+        logprobs[i] = TokenLogprobs(
+            token_id=token_ids[i],
+            logprob=float(log_probs[j, token_ids[i]]),
+            top=tuple(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist())),
+        )
+    return logprobs
+
+
+def filtered_probs(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
     """[R, V] probabilities after temperature, top-k and top-p; excluded tokens get exactly 0."""
     temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
     logits = logits / temperatures

@@ -40,6 +40,9 @@ class SamplingParams:
     logprobs: int = field(default=0, metadata={"description": "top-N logprobs per token"})
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    speculative: bool = field(default=True, metadata={"description": "let the engine draft and verify this "
+                                                                     "request's tokens when it speculates (the "
+                                                                     "output is the same either way)"})
     # Teacher forcing: output token i is forced_token_ids[i] (still scored by logprobs) while there is one. Evals
     # use it to score given text under decode-time conditions (a compressed cache, eviction). Not on the wire.
     forced_token_ids: tuple[int, ...] = ()
@@ -66,6 +69,8 @@ class SamplingParams:
             raise InvalidRequestError("stop_token_ids", "must be non-negative integers")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.speculative, bool):
+            raise InvalidRequestError("speculative", f"must be a boolean, got {self.speculative!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.forced_token_ids):
             raise InvalidRequestError("forced_token_ids", "must be non-negative integers")
 

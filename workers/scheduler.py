@@ -13,6 +13,7 @@ reserved (decode role: blocks for an imported prompt) -> running. A request id n
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 from workers.kv.manager import KVCacheManager
@@ -65,15 +66,20 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(seq, num_new):
+            # A decode with drafts (workers/spec) computes them in the same pass: their slots come with it, if the
+            # budget and the pool allow; otherwise the decode runs alone (drafting never preempts anyone).
+            num_drafts = min(len(seq.draft_token_ids), budget - num_new) if num_new == 1 else 0
+            if num_drafts and not self.kv.allocate_slots(seq, num_new + num_drafts):
+                num_drafts = 0
+            while not num_drafts and not self.kv.allocate_slots(seq, num_new):
                 victim = self.running.pop()  # the newest arrival gives way
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is seq:
                     break
             else:
-                scheduled.append(_record(seq, num_new))
-                budget -= num_new
+                scheduled.append(schedule_record(seq, num_new, seq.draft_token_ids[:num_drafts]))
+                budget -= num_new + num_drafts
                 index += 1
         if preempted:
             return SchedulerOutput(tuple(scheduled), tuple(preempted))  # memory is tight: admit nothing new
@@ -89,21 +95,42 @@ class Scheduler:
             seq.num_computed_tokens = num_prefix_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(_record(seq, num_new))
+            scheduled.append(schedule_record(seq, num_new))
             budget -= num_new
         return SchedulerOutput(tuple(scheduled))
 
     def update(self, scheduler_output: SchedulerOutput, model_output: ModelOutput) -> list[RequestOutput]:
-        """The step ran: advance every scheduled request, publish its full blocks, append the sampled tokens."""
+        """The step ran: advance every scheduled request, publish its full blocks, append the sampled tokens.
+
+        A decode with drafts advances past its accepted drafts only: the rejected ones' K/V stays in slots past
+        num_computed_tokens, never published, and the next step overwrites it (its blocks stay the request's)."""
         scheduled = scheduler_output.scheduled
-        for request in scheduled:
+        new_tokens = dict(zip(model_output.sampled, zip(model_output.token_ids, model_output.logprobs)))
+        for index, request in enumerate(scheduled):
             seq = self.requests[request.request_id]
-            seq.num_computed_tokens += request.num_new_tokens
-            seq.prefill_done = seq.num_computed_tokens == seq.num_tokens
-            self.kv.cache_full_blocks(seq)
-        return [self.append_token(self.requests[scheduled[index].request_id], token_id, logprobs)
-                for index, token_id, logprobs in zip(model_output.sampled, model_output.token_ids,
-                                                     model_output.logprobs)]
+            accepted = new_tokens[index][0][:-1] if request.draft_token_ids else ()
+            seq.num_computed_tokens += request.num_new_tokens + len(accepted)
+            seq.prefill_done = seq.num_computed_tokens >= seq.num_tokens
+            self.kv.cache_full_blocks(seq, seq.token_ids + list(accepted) if accepted else None)
+            if request.draft_token_ids:
+                seq.num_draft_tokens += len(request.draft_token_ids)
+                seq.num_accepted_tokens += len(accepted)
+        outputs = []
+        for index, (token_ids, logprobs) in new_tokens.items():
+            seq = self.requests[scheduled[index].request_id]
+            outputs.append(self._append_tokens(seq, token_ids, logprobs))
+        return outputs
+
+    def _append_tokens(self, seq: Sequence, token_ids: tuple[int, ...],
+                       logprobs: tuple[TokenLogprobs | None, ...]) -> RequestOutput:
+        """One step's tokens for a request (several after accepted drafts), as one RequestOutput; tokens after a
+        stop are dropped (a stop string or max_tokens can land inside an accepted run)."""
+        output = self.append_token(seq, token_ids[0], logprobs[0])
+        for token_id, entry in zip(token_ids[1:], logprobs[1:]):
+            if output.finished:
+                break
+            output = _merge(output, self.append_token(seq, token_id, entry))
+        return output
 
     def append_token(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         """A new token for a running request: the stop checks, then its text; finishes the request on a stop."""
@@ -144,6 +171,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
+        seq.draft_token_ids = ()
         seq.num_computed_tokens = 0
         seq.prefill_done = False
         seq.num_preemptions += 1
@@ -181,8 +209,15 @@ class Scheduler:
         return seq
 
 
-def _record(seq: Sequence, num_new_tokens: int) -> ScheduledRequest:
-    """A scheduled sequence as the plain record the runner reads (after its slots were allocated)."""
+def _merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one (the later one's counters and finish state)."""
+    return dataclasses.replace(then, new_token_ids=first.new_token_ids + then.new_token_ids,
+                               new_text=first.new_text + then.new_text, logprobs=first.logprobs + then.logprobs)
+
+
+def schedule_record(seq: Sequence, num_new_tokens: int, draft_token_ids: tuple[int, ...] = ()) -> ScheduledRequest:
+    """A scheduled sequence as the plain record the runner reads (after its slots were allocated); a draft model's
+    mirrors are scheduled by the same rule (workers/spec/draft_model.py)."""
     start = seq.num_computed_tokens
     if num_new_tokens == 1:  # a decode: index the token, don't build the whole token list
         num_prompt = seq.num_prompt_tokens
@@ -192,7 +227,9 @@ def _record(seq: Sequence, num_new_tokens: int) -> ScheduledRequest:
     return ScheduledRequest(
         request_id=seq.request_id, token_ids=token_ids, start_position=start, block_table=tuple(seq.block_table),
         num_evicted_tokens=seq.num_evicted_tokens, num_known_tokens=seq.num_tokens, in_prefill=not seq.prefill_done,
-        params=seq.params, generator=seq.generator, forced_token_id=seq.forced_next_token)
+        params=seq.params, generator=seq.generator, forced_token_id=seq.forced_next_token,
+        draft_token_ids=draft_token_ids,
+        draft_probs=seq.draft_probs[:len(draft_token_ids)] if draft_token_ids and seq.draft_probs is not None else None)
 
 
 def _output(seq: Sequence, new_token_ids: list[int], text_delta: str, logprobs: list[TokenLogprobs],
@@ -200,4 +237,5 @@ def _output(seq: Sequence, new_token_ids: list[int], text_delta: str, logprobs: 
     return RequestOutput(
         request_id=seq.request_id, new_token_ids=new_token_ids, new_text=text_delta, finished=finished,
         finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-        num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens, logprobs=logprobs)
+        num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens, logprobs=logprobs,
+        num_draft_tokens=seq.num_draft_tokens, num_accepted_tokens=seq.num_accepted_tokens)

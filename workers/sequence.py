@@ -54,6 +54,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per-request RNG: same seed, same tokens, whatever the batch
     hold_kv: bool = False  # prefill role: keep the blocks after the first token, for export to a decode tier
+    # Speculative decoding (workers/spec): the drafter's proposal for the next step (the scheduler takes what the
+    # budget allows), with q per draft when the drafter sampled them ([k, V]; None = point masses).
+    draft_token_ids: tuple[int, ...] = ()
+    draft_probs: torch.Tensor | None = None
+    num_draft_tokens: int = 0  # drafts verified so far (lifetime; the acceptance statistics)
+    num_accepted_tokens: int = 0
 
     @property
     def token_ids(self) -> list[int]:

@@ -42,11 +42,22 @@ class ScheduledRequest:
     params: SamplingParams
     generator: torch.Generator | None  # the request's seeded RNG (same seed, same tokens, whatever the batch)
     forced_token_id: int | None = None  # teacher-forced next token (a migrated stream's replay), if any
-    draft_token_ids: tuple[int, ...] = ()  # speculative decoding: proposed tokens to verify (workers/spec)
+    # Speculative decoding (workers/spec): proposed tokens after token_ids (a decode's one token), computed in the
+    # same pass at the next positions; the runner verifies them and Scheduler.update keeps the accepted prefix.
+    draft_token_ids: tuple[int, ...] = ()
+    # [k, V] the drafter's probabilities for each draft token, when it sampled them (None: the drafts are point
+    # masses, e.g. n-gram lookups or greedy drafts). Rejection sampling needs them for temperature > 0.
+    draft_probs: torch.Tensor | None = None
 
     @property
     def num_new_tokens(self) -> int:
+        """Known tokens computed this step (drafts not included: they are guesses until verified)."""
         return len(self.token_ids)
+
+    @property
+    def num_query_tokens(self) -> int:
+        """Tokens in the forward pass: the known ones plus the drafts."""
+        return len(self.token_ids) + len(self.draft_token_ids)
 
     @property
     def end_position(self) -> int:
@@ -65,7 +76,7 @@ class SchedulerOutput:
 
     @property
     def num_scheduled_tokens(self) -> int:
-        return sum(request.num_new_tokens for request in self.scheduled)
+        return sum(request.num_query_tokens for request in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -82,16 +93,20 @@ class ModelInput:
     probe: AttentionProbe | None = None  # collects the step's attention by-products for a StepHook
 
     def is_decode_row(self, index: int) -> bool:
-        """One query attending to everything before it: true decodes and 1-token prefill tails."""
+        """One new token attending to everything before it: true decodes and 1-token prefill tails. A decode with
+        k drafts is one too: it runs as k + 1 decode rows (the runner's docstring says why that is causal)."""
         return self.requests[index].num_new_tokens == 1 and index not in self.observe_windows
 
 
 @dataclass(frozen=True)
 class ModelOutput:
     sampled: tuple[int, ...]  # request indices whose next token was sampled, in order
-    token_ids: tuple[int, ...]  # the sampled tokens, one per sampled index
-    logprobs: tuple[TokenLogprobs | None, ...]
-    decode_rows: tuple[int, ...]  # request indices of the step's decode rows, in row order (the probe's rows)
+    # Per sampled index, the request's new tokens: one, or with drafts the accepted drafts and then the target's
+    # own token (the correction at the first rejection, or the bonus token after all k were accepted).
+    token_ids: tuple[tuple[int, ...], ...]
+    logprobs: tuple[tuple[TokenLogprobs | None, ...], ...]  # per sampled index, one per new token
+    # The request index of each decode row, in row order (the probe's rows): a decode with k drafts has k + 1.
+    decode_rows: tuple[int, ...]
 
 
 class StepHook(Protocol):

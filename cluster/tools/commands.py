@@ -13,7 +13,8 @@ from cluster.tools.models import add_parser as add_models_parser
 # target -> (module, function): each tool is imported only when it runs (torch, Ray, matplotlib are heavy).
 BENCH_TARGETS = {"engine": ("cluster.tools.bench_engine", "run_engine_bench"),
                  "serve": ("cluster.tools.bench_serve", "run_serve_bench"),
-                 "chaos": ("cluster.tools.bench_chaos", "run_chaos_bench")}
+                 "chaos": ("cluster.tools.bench_chaos", "run_chaos_bench"),
+                 "spec": ("cluster.tools.bench_spec", "run_spec_bench")}
 EVAL_TARGETS = {"kv": ("cluster.tools.eval_kv", "run_eval_kv"),
                 "memory": ("cluster.tools.kv_memory", "run_memory"),
                 "longctx": ("cluster.tools.eval_longctx", "run_eval_longctx")}
@@ -37,11 +38,12 @@ def add_parsers(sub) -> None:
     bench.add_argument("target", choices=list(BENCH_TARGETS))
     bench.add_argument("--json", dest="json_out", default=None, help="write results here")
     bench.add_argument("--prompt-len", type=int, default=128, help="engine: prompt tokens")
-    bench.add_argument("--decode-tokens", type=int, default=64, help="engine: tokens decoded per stream")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="engine/spec: tokens decoded per stream")
     bench.add_argument("--concurrency", default="1,4,16,32")
     bench.add_argument("--skip-baseline", action="store_true", help="engine: skip the transformers baseline")
     bench.add_argument("--rounds", type=int, default=3,
-                       help="engine: rounds alternating ours and transformers (medians are reported)")
+                       help="engine: rounds alternating ours and transformers; spec: plain and speculating "
+                            "(medians are reported)")
     bench.add_argument("--against", default=None, metavar="REV",
                        help="engine: instead, time the engine step against the step loop of git commit REV, "
                             "in alternating processes (cluster/tools/bench_step_ab.py)")
@@ -56,6 +58,9 @@ def add_parsers(sub) -> None:
     from cluster.tools.bench_chaos import add_chaos_options
 
     add_chaos_options(bench)
+    from cluster.tools.bench_spec import add_spec_options
+
+    add_spec_options(bench)
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")

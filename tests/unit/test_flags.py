@@ -7,7 +7,7 @@ import pytest
 from cluster.cli import build_parser
 from cluster.config import AutoscalingConfig, ServeConfig, TierConfig
 from cluster.flags import ENGINE_SKIP, engine_config, engine_flags, model_flags, serve_overrides
-from workers.config import EngineConfig, EvictionConfig
+from workers.config import EngineConfig, EvictionConfig, SpeculativeConfig
 from workers.sampling_params import SamplingParams
 
 
@@ -15,15 +15,19 @@ def parse(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(list(argv))
 
 
-@pytest.mark.parametrize("model", [ServeConfig, TierConfig, AutoscalingConfig, EngineConfig, EvictionConfig])
+@pytest.mark.parametrize("model", [ServeConfig, TierConfig, AutoscalingConfig, EngineConfig, EvictionConfig,
+                                   SpeculativeConfig])
 def test_every_field_is_described(model):
     assert [name for name, info in model.model_fields.items() if not info.description] == []
 
 
 def test_every_scalar_engine_field_is_a_flag_and_no_flag_sets_a_default():
     names = {flag.name for flag in engine_flags()}
-    expected = {name for name in EngineConfig.model_fields if name not in ENGINE_SKIP and name != "kv_eviction"}
-    assert expected | {f"kv_eviction.{name}" for name in EvictionConfig.model_fields} == names
+    nested = {"kv_eviction": EvictionConfig, "speculative": SpeculativeConfig}
+    expected = {name for name in EngineConfig.model_fields if name not in ENGINE_SKIP and name not in nested}
+    for prefix, model in nested.items():
+        expected |= {f"{prefix}.{name}" for name in model.model_fields}
+    assert expected == names
     args = parse("run", "hi")
     assert all(getattr(args, flag.dest) is None for flag in engine_flags())
     assert engine_config(args) == EngineConfig()  # nothing given: exactly the model's defaults

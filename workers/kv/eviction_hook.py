@@ -107,8 +107,13 @@ class EvictionHook:
         if decode_mass is None:
             return
         decode_mass = decode_mass.cpu()
+        previous = -1
         for row, index in enumerate(model_output.decode_rows):
             # Decode rows are true decodes here: plan() sends a scored request's prefill through the prefill path.
+            # A decode with drafts votes with its first row only (the token it decodes; drafts may be rejected).
+            if index == previous:
+                continue
+            previous = index
             request = requests[index]
             spec = self._specs.get(request.request_id)
             if spec is not None and spec.accumulate_decode:

@@ -57,8 +57,9 @@ class KVCacheManager:
         seq.block_table.extend(self.pool.allocate(num_missing))
         return True
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Publish the hashes of blocks that became full of computed tokens."""
+    def cache_full_blocks(self, seq: Sequence, token_ids: list[int] | None = None) -> None:
+        """Publish the hashes of blocks that became full of computed tokens. token_ids: the sequence's tokens
+        when it computed more than it holds yet (accepted drafts, appended right after); default its own."""
         # After an eviction, later blocks were computed without the evicted context: they are not the K/V
         # of their token prefix and must never be served to another request.
         if not self.pool.enable_prefix_caching or seq.num_evicted_tokens:
@@ -67,7 +68,7 @@ class KVCacheManager:
         num_full = seq.num_computed_tokens // self.block_size
         if num_full <= len(hashes):
             return
-        token_ids = seq.token_ids
+        token_ids = token_ids if token_ids is not None else seq.token_ids
         parent = hashes[-1] if hashes else None
         for index in range(len(hashes), num_full):
             start = index * self.block_size

@@ -22,6 +22,7 @@ from workers.kv.block_scores import ScoreSpec
 from workers.outputs import RequestOutput
 from workers.sampling_params import SamplingParams
 from workers.sequence import Sequence
+from workers.spec.drafter import PromptFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class _Commit:
     request_id: str
     first_token_id: int
     block_scores: torch.Tensor | None
+    drafter_features: PromptFeatures | None
     stream: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -88,12 +90,13 @@ class AsyncEngine:
         async for output in self._drain(request_id, stream):
             yield output
 
-    async def stream_imported(self, request_id: str, first_token_id: int,
-                              block_scores: torch.Tensor | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream_imported(self, request_id: str, first_token_id: int, block_scores: torch.Tensor | None = None,
+                              drafter_features: PromptFeatures | None = None) -> AsyncIterator[RequestOutput]:
         """Start decoding a request whose KV was imported into blocks from reserve_import."""
         self._check_alive()
         stream: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Commit(request_id, first_token_id, block_scores, stream, asyncio.get_running_loop()))
+        self._inbox.put(_Commit(request_id, first_token_id, block_scores, drafter_features, stream,
+                                asyncio.get_running_loop()))
         async for output in self._drain(request_id, stream):
             yield output
 
@@ -212,7 +215,8 @@ class AsyncEngine:
         elif isinstance(command, _Commit):
             self._streams[command.request_id] = command
             try:
-                output = self.engine.commit_import(command.request_id, command.first_token_id, command.block_scores)
+                output = self.engine.commit_import(command.request_id, command.first_token_id, command.block_scores,
+                                                   command.drafter_features)
             except Exception as exc:
                 del self._streams[command.request_id]
                 _put(command.loop, command.stream, _Rejected(exc))

@@ -44,11 +44,15 @@ class SpeculativeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["none", "ngram", "draft_model"] = Field(
+    method: Literal["none", "ngram", "draft_model", "eagle3"] = Field(
         "none", description="the drafter: ngram = prompt lookup (no weights); draft_model = a smaller model with "
-                            "the target's vocabulary (draft_model), its own paged KV in the same replica")
+                            "the target's vocabulary (draft_model), its own paged KV in the same replica; eagle3 "
+                            "= an EAGLE-3 head over the target's hidden states (eagle_head)")
     draft_model: str | None = Field(None, description="draft_model: GGUF file, HF directory or registry name")
     draft_kv_cache_memory_mb: int = Field(256, ge=1, description="draft_model: the draft model's KV pool")
+    eagle_head: str | None = Field(None, description="eagle3: a head directory (config.json + model.safetensors, "
+                                                     "vLLM/SGLang layout); None = the one `tierserve train-drafter "
+                                                     "eagle3` cached for this model")
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="drafts per step at most, per request")
     ngram_max: int = Field(4, ge=1, description="ngram: the longest suffix looked up in the context")
     ngram_min: int = Field(2, ge=1, description="ngram: the shortest suffix that may propose")

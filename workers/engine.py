@@ -10,6 +10,7 @@ step hook. No Ray here: a plain process can own an Engine (tests, benchmarks, `t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -34,7 +35,9 @@ from workers.outputs import Completion, RequestOutput
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence
+from workers.spec.drafter import PromptFeatures
 from workers.spec.policy import SpecPolicy
+from workers.spec.prompt_features import PromptFeatureCollector, prompt_feature_layers
 from workers.spec.speculator import Speculator, make_drafter
 
 
@@ -48,6 +51,7 @@ class HeldKV:
     first_token_id: int
     block_scores: torch.Tensor | None = None  # [V, blocks] observation-window votes, when the decode tier asked
     num_cached_tokens: int = 0  # prompt tokens this replica's prefix cache served
+    drafter_features: PromptFeatures | None = None  # the prompt's captured states, for an EAGLE-3 decode tier
 
 
 @dataclass(frozen=True)
@@ -119,10 +123,16 @@ class Engine:
                                   native_decode=config.native_decode_layers)
         spec = config.speculative
         self.speculator: Speculator | None = None
-        if spec.method != "none" and config.role != "prefill":  # a prefill tier samples one token: nothing to draft
-            self.speculator = Speculator(make_drafter(config, model_config.vocab_size),
+        # A prefill tier samples one token (nothing to draft) but captures what the decode tier's drafter reads
+        # of the prompt (EAGLE-3's features), which rides the KV ticket.
+        self.prompt_features = PromptFeatureCollector(prompt_feature_layers(config, self.loaded)) \
+            if config.role == "prefill" else None
+        if spec.method != "none" and config.role != "prefill":
+            self.speculator = Speculator(make_drafter(config, self.loaded),
                                          SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size,
                                                     spec.min_acceptance), self.max_model_len)
+        self._capture_layer_ids = self.speculator.capture_layer_ids if self.speculator is not None else \
+            (self.prompt_features.layer_ids if self.prompt_features is not None else ())
         self._bytes_per_block = bytes_per_block
         if config.freeze_gc_heap:
             freeze_gc_heap()  # last: everything the engine keeps for its lifetime exists by now
@@ -156,8 +166,9 @@ class Engine:
         seq = self.scheduler.held.get(request_id)
         if seq is None:
             return None
+        features = self.prompt_features.of(request_id) if self.prompt_features is not None else None
         return HeldKV(request_id, tuple(seq.block_table), seq.num_prompt_tokens, seq.output_token_ids[-1],
-                      self.eviction.scores_of(request_id), seq.num_cached_tokens)
+                      self.eviction.scores_of(request_id), seq.num_cached_tokens, features)
 
     def release_kv(self, request_id: str, owner: Sequence | None = None) -> bool:
         """Free a held (prefill) or reserved (decode) request's blocks: after the transfer, or on its timeout.
@@ -185,13 +196,16 @@ class Engine:
         """Reserve blocks for a prompt whose KV will be imported; None if the pool is short."""
         return self.scheduler.reserve_import(seq)
 
-    def commit_import(self, request_id: str, first_token_id: int,
-                      block_scores: torch.Tensor | None = None) -> RequestOutput:
+    def commit_import(self, request_id: str, first_token_id: int, block_scores: torch.Tensor | None = None,
+                      drafter_features: PromptFeatures | None = None) -> RequestOutput:
         """The KV bytes are in the reserved blocks: join the running batch and emit the prefill's first token.
 
-        block_scores: the observation-window votes the prefill tier computed for this engine's eviction policy.
+        block_scores: the observation-window votes the prefill tier computed for this engine's eviction policy;
+        drafter_features: what the prefill tier captured of the prompt for this engine's drafter (EAGLE-3).
         """
         seq = self.scheduler.reserved[request_id]
+        if drafter_features is not None and self.speculator is not None:
+            self.speculator.imported(request_id, drafter_features)
         self.eviction.track(seq, self.score_spec)
         self.eviction.imported(seq, block_scores, self.codec, self.kv_pages, self.device)
         if seq.generator is not None:
@@ -227,6 +241,8 @@ class Engine:
     def _forget(self, request_id: str) -> None:
         """The request left the engine: drop what the step hooks kept for it."""
         self.eviction.forget(request_id)
+        if self.prompt_features is not None:
+            self.prompt_features.forget(request_id)
         if self.speculator is not None:
             self.speculator.forget(request_id)
 
@@ -239,8 +255,12 @@ class Engine:
         model_input = self.eviction.plan(scheduler_output)
         if scheduler_output.is_empty:
             return []
+        if self._capture_layer_ids:
+            model_input = dataclasses.replace(model_input, capture_layer_ids=self._capture_layer_ids)
         model_output = self.runner.execute(model_input)
         self.eviction.observe(model_input, model_output)
+        if self.prompt_features is not None:
+            self.prompt_features.observe(scheduler_output, model_output)
         if self.speculator is not None:
             self.speculator.observe(scheduler_output, model_output)
         outputs = self.scheduler.update(scheduler_output, model_output)

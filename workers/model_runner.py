@@ -11,6 +11,8 @@ The runner keeps no per-request state: everything it needs comes in the ModelInp
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from workers.attention import AttentionMetadata, PrefillChunk
@@ -52,10 +54,12 @@ class ModelRunner:
         # to the held K/V through its own. Every row's K/V is written before any row attends, so the rows see
         # each other causally: the same pass plain decoding runs, one row per token (and the same kernels).
         row_requests: list[int] = []  # request index of each decode row
+        first_rows = [0] * len(requests)
         verify_rows: dict[int, int] = {}  # request index -> its first row in verify_sample_rows (k + 1 rows)
         verify_sample_rows: list[int] = []  # sampled after the plain rows
         for index in decode_rows:
             request = requests[index]
+            first_rows[index] = len(input_ids)
             if request.draft_token_ids:
                 verify_rows[index] = len(verify_sample_rows)
             for offset, token_id in enumerate(request.token_ids + request.draft_token_ids):
@@ -77,6 +81,7 @@ class ModelRunner:
             assert not request.num_evicted_tokens, "eviction waits for prefill to finish"
             start, end = request.start_position, request.end_position
             table = request.block_table
+            first_rows[index] = len(input_ids)
             chunks.append(PrefillChunk(
                 query_start=len(input_ids), query_len=request.num_new_tokens, context_len=start,
                 block_ids=torch.tensor(table[:-(-end // block_size)], dtype=torch.long, device=self.device),
@@ -109,14 +114,20 @@ class ModelRunner:
         )
         input_ids_tensor = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         positions_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = None
+        capture = model_input.capture_layer_ids
+        result = None
         if self.native_decode is not None and self.native_decode.applies(meta, len(input_ids)):
-            hidden = self.native_decode.forward(input_ids_tensor, positions_tensor, meta)
-        if hidden is None:
-            hidden = self.model(input_ids_tensor, positions_tensor, self.kv_pages, self.codec, meta)
+            result = self.native_decode.forward_captured(input_ids_tensor, positions_tensor, meta, capture)
+        if result is None:
+            result = self.model.forward_captured(input_ids_tensor, positions_tensor, self.kv_pages, self.codec,
+                                                 meta, capture)
+        hidden, aux_hidden = result
         rows = torch.tensor(sample_rows + verify_sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
-        return self._sample(requests, logits.cpu(), sampled, verify_rows, tuple(row_requests))
+        output = self._sample(requests, logits.cpu(), sampled, verify_rows, tuple(row_requests))
+        if aux_hidden is not None:
+            output = dataclasses.replace(output, aux_hidden=aux_hidden, first_rows=tuple(first_rows))
+        return output
 
     def _sample(self, requests: tuple[ScheduledRequest, ...], logits: torch.Tensor, sampled: list[int],
                 verify_rows: dict[int, int], decode_rows: tuple[int, ...]) -> ModelOutput:

@@ -91,6 +91,8 @@ class ModelInput:
     # the window (weighted as the window is), never as a decode vote; a window may be 0 tokens.
     observe_windows: dict[int, int] = field(default_factory=dict)
     probe: AttentionProbe | None = None  # collects the step's attention by-products for a StepHook
+    # Return the residual stream entering these target layers at every row (an EAGLE-3 drafter's features).
+    capture_layer_ids: tuple[int, ...] = ()
 
     def is_decode_row(self, index: int) -> bool:
         """One new token attending to everything before it: true decodes and 1-token prefill tails. A decode with
@@ -107,6 +109,10 @@ class ModelOutput:
     logprobs: tuple[tuple[TokenLogprobs | None, ...], ...]  # per sampled index, one per new token
     # The request index of each decode row, in row order (the probe's rows): a decode with k drafts has k + 1.
     decode_rows: tuple[int, ...]
+    # With ModelInput.capture_layer_ids: the captured states [T, C*E] of every row of the step, and per request
+    # index its first row (its rows are contiguous: known tokens in order, then drafts).
+    aux_hidden: torch.Tensor | None = None
+    first_rows: tuple[int, ...] = ()
 
 
 class StepHook(Protocol):

@@ -1,4 +1,5 @@
-"""The offline tools' commands: `tierserve bench`, `tierserve eval`, `tierserve calibrate`, `tierserve models`."""
+"""The offline tools' commands: `tierserve bench`, `tierserve eval`, `tierserve calibrate`, `tierserve models`,
+`tierserve train-drafter`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib
 from cluster.flags import add_engine_options
 from cluster.tools.calibrate import cmd_calibrate
 from cluster.tools.models import add_parser as add_models_parser
+from cluster.tools.train_drafter import add_parser as add_train_drafter_parser
 
 
 # target -> (module, function): each tool is imported only when it runs (torch, Ray, matplotlib are heavy).
@@ -84,3 +86,4 @@ def add_parsers(sub) -> None:
     calibrate.set_defaults(func=cmd_calibrate)
 
     add_models_parser(sub)
+    add_train_drafter_parser(sub)

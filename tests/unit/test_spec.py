@@ -305,16 +305,21 @@ class RecordingDrafter:
     def forget(self, request_id):
         self.inner.forget(request_id)
 
+    def __getattr__(self, name):  # observe, add_features, capture_layer_ids: the inner drafter's
+        return getattr(self.inner, name)
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_decode_tier_first_draft_equals_the_unified_runs(tiny_loaded, tiny_draft_dir, method):
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle3"])
+def test_decode_tier_first_draft_equals_the_unified_runs(tiny_loaded, tiny_draft_dir, tmp_path, method):
     """What the drafter needs after the prompt reaches the decode tier with the handoff (the prompt's tokens; the
-    draft model prefills them locally): its first draft there is the unified engine's first draft, and the tokens
-    are the same."""
+    draft model prefills them locally; EAGLE-3's captured states ride the ticket): its first draft there is the
+    unified engine's first draft, and the tokens are the same."""
     from tests.unit.test_disaggregation import disaggregated
+    from tests.unit.test_eagle3 import random_head
 
+    random_head(tiny_loaded).save(str(tmp_path))
     spec = SpeculativeConfig(method=method, ngram_min=1, ngram_max=3, draft_model=str(tiny_draft_dir),
-                             draft_kv_cache_memory_mb=4)
+                             draft_kv_cache_memory_mb=4, eagle_head=str(tmp_path))
     prompts = random_prompts(4, seed=23, min_len=10, max_len=40)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
@@ -326,7 +331,9 @@ def test_decode_tier_first_draft_equals_the_unified_runs(tiny_loaded, tiny_draft
 
     unified, unified_drafts = speculating("unified")
     decode, decode_drafts = speculating("decode")
-    prefill = make_engine(tiny_loaded, role="prefill")
+    prefill = Engine(EngineConfig(model=tiny_loaded.path, block_size=4, num_kv_blocks=256, role="prefill",
+                                  max_num_batched_tokens=16, speculative=spec), loaded=tiny_loaded)  # chunked
+    assert prefill.speculator is None
     for index, prompt in enumerate(prompts):
         alone = unified.generate([prompt], params)[0]
         unified_first = unified_drafts.first.pop(alone.request_id)

@@ -114,7 +114,8 @@ class DecodeHandoff:
         if self.observer is not None:
             self.observer.record_transfer(nbytes, time.perf_counter() - started)
         seq.num_cached_tokens = ticket.num_cached_tokens  # the prefix hit happened on the prefill tier
-        return self.engine.stream_imported(seq.request_id, ticket.first_token_id, ticket.block_scores)
+        return self.engine.stream_imported(seq.request_id, ticket.first_token_id, ticket.block_scores,
+                                           ticket.drafter_features)
 
     def _write(self, buffer, block_ids: list[int]) -> None:
         """On a channel thread, once the bytes are here: scatter them into the reserved blocks."""

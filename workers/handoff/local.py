@@ -39,4 +39,4 @@ def import_held(prefill: Engine, held: HeldKV, decode: Engine, prompt: list[int]
     if block_ids is None:
         raise MemoryError(f"decode engine has no room for {len(held.block_ids)} blocks")
     unpack_blocks(pack_blocks(prefill.kv_pages, list(held.block_ids)), decode.kv_pages, block_ids)
-    return decode.commit_import(held.request_id, held.first_token_id, held.block_scores)
+    return decode.commit_import(held.request_id, held.first_token_id, held.block_scores, held.drafter_features)

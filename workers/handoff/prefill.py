@@ -57,7 +57,8 @@ class PrefillHandoff:
         return KVTicket(request_id=request.request_id, first_token_id=held.first_token_id,
                         num_tokens=held.num_tokens, num_blocks=len(held.block_ids), nbytes=payload.numel(),
                         num_cached_tokens=num_cached_tokens, prefill_replica=self.replica_id,
-                        seconds=time.perf_counter() - started, payload=ticket_payload, block_scores=held.block_scores)
+                        seconds=time.perf_counter() - started, payload=ticket_payload, block_scores=held.block_scores,
+                        drafter_features=held.drafter_features)
 
     async def _prefill_and_hold(self, request: PrefillRequest):
         params = dataclasses.replace(request.params, max_tokens=1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.kv.block_scores import ScoreSpec
+from workers.spec.drafter import PromptFeatures
 from workers.kv.transfer import PeerEndpoint
 from workers.sampling_params import SamplingParams
 
@@ -49,6 +50,7 @@ class KVTicket:
     prefill_replica: str
     seconds: float  # prefill + transfer, on the prefill replica
     block_scores: torch.Tensor | None = None  # [voters, blocks] votes, when the request carried a score_spec
+    drafter_features: PromptFeatures | None = None  # an EAGLE-3 decode tier's features of the prompt
     # Set only when the channel could not carry the bytes: the encoded blocks ride in the ticket itself
     # (through Ray's object store) instead of over torch.distributed.
     payload: torch.Tensor | None = None

@@ -127,11 +127,22 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_pages: list[LayerPages],
                 codec: KVCodec, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids [T], positions [T] -> final hidden states [T, E] (normed)."""
+        return self.forward_captured(input_ids, positions, kv_pages, codec, meta, ())[0]
+
+    def forward_captured(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_pages: list[LayerPages],
+                         codec: KVCodec, meta: AttentionMetadata, capture_layer_ids: tuple[int, ...]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward, also returning the residual stream entering each of capture_layer_ids ([T, C*E], in that
+        order; None when none is asked): what an EAGLE-3 head reads (workers/spec/eagle3.py)."""
         hidden = self.embed_tokens(input_ids)
         rope_cos_sin = self.rope.lookup(positions)
-        for layer, pages in zip(self.layers, kv_pages):
+        captured = {}
+        for index, (layer, pages) in enumerate(zip(self.layers, kv_pages)):
+            if index in capture_layer_ids:
+                captured[index] = hidden.clone()  # the layers update the stream in place
             hidden = layer(hidden, rope_cos_sin, pages, codec, meta)
-        return self.norm(hidden)
+        aux = torch.cat([captured[index] for index in capture_layer_ids], dim=-1) if capture_layer_ids else None
+        return self.norm(hidden), aux
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, E] -> logits [N, V] in float32."""

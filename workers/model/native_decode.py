@@ -137,6 +137,12 @@ class NativeDecodeLayers:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor | None:
+        result = self.forward_captured(input_ids, positions, meta, ())
+        return None if result is None else result[0]
+
+    @torch.inference_mode()
+    def forward_captured(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                         capture_layer_ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """input_ids [T], positions [T] -> final hidden states [T, E] (normed), as LlamaForCausalLM.forward; None
         when a kernel could not run here (no memory for its scratch): the caller runs the step through the module
         path, whose torch fallbacks take over. Rerunning is safe: every K/V row written so far is rewritten with
@@ -160,17 +166,33 @@ class NativeDecodeLayers:
             self.block_size, block_tables.shape[1], self.eps, self.scale, self.half, torch.get_num_threads(),
             cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
             *(buffer.data_ptr() for buffer in scratch))
-        status = self.library.decode_layers(hidden.data_ptr(), self.layers, len(self.layers), ctypes.byref(step))
+        # Captured layers split the call: run the layers before each, copy the stream, go on.
+        captured = {}
+        bounds = sorted(set(capture_layer_ids) | {0, len(self.layers)})
+        layer_size = ctypes.sizeof(_DecodeLayer)
+        for first, end in zip(bounds, bounds[1:]):
+            if first in capture_layer_ids:
+                captured[first] = hidden.clone()
+            layers_address = ctypes.addressof(self.layers) + first * layer_size
+            status = self.library.decode_layers(hidden.data_ptr(), layers_address, end - first, ctypes.byref(step))
+            if status:
+                self._raise_for(status, first)
+                return None
+        aux = torch.cat([captured[index] for index in capture_layer_ids], dim=-1) if capture_layer_ids else None
+        return model.norm(hidden), aux
+
+    @staticmethod
+    def _raise_for(status: int, first_layer: int) -> None:
+        """Raise for a failed native call's status, unless the module path can take over (then return)."""
         if status:
-            layer, code = (status >> 8) - 1, status & 0xFF
+            layer, code = (status >> 8) - 1 + first_layer, status & 0xFF
             if code & ~(STATUS_NO_MEMORY | STATUS_UNSUPPORTED) == 0:
-                return None  # (quant_linear's bad format is 1 too: never, for weights this class packed)
+                return  # (quant_linear's bad format is 1 too: never, for weights this class packed)
             if code & STATUS_BAD_LENGTH:
                 raise AssertionError(f"layer {layer}: seq_lens: a sequence is longer than its block_tables row")
             if code & STATUS_BAD_BLOCK:
                 raise IndexError(f"layer {layer}: a block id or slot is outside the pool")
             raise RuntimeError(f"layer {layer}: a native decode kernel failed (status {code})")
-        return model.norm(hidden)
 
 
 def _linears(layer) -> tuple:

@@ -21,6 +21,15 @@ class DraftRequest:
 
 
 @dataclass(frozen=True)
+class PromptFeatures:
+    """What a drafter needs of a prompt computed elsewhere (a prefill tier): the target's captured states for the
+    prompt positions start_position... (EAGLE-3's features; a prefix-cache hit's positions were never computed)."""
+
+    start_position: int
+    features: torch.Tensor  # [P, C*Et]
+
+
+@dataclass(frozen=True)
 class Draft:
     token_ids: tuple[int, ...]  # 0 ... num_draft_tokens proposed tokens
     probs: torch.Tensor | None = None  # [k, V] the distribution each was drawn from; None: chosen, not drawn

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workers.config import EngineConfig
+from workers.model.loader import LoadedModel
 from workers.sequence import Sequence
-from workers.spec.drafter import DraftRequest, Drafter
+from workers.spec.drafter import DraftRequest, Drafter, PromptFeatures
 from workers.spec.policy import AcceptanceTracker, SpecPolicy
 from workers.step import ModelOutput, SchedulerOutput
 
@@ -70,8 +71,17 @@ class Speculator:
         for seq, draft in zip(askers, self.drafter.propose(asks)):
             seq.draft_token_ids, seq.draft_probs = draft.token_ids, draft.probs
 
+    @property
+    def capture_layer_ids(self) -> tuple[int, ...]:
+        """Target layers whose input the drafter reads (EAGLE-3); () for drafters that read tokens only."""
+        return getattr(self.drafter, "capture_layer_ids", ())
+
     def observe(self, scheduler_output: SchedulerOutput, model_output: ModelOutput) -> None:
-        """Fold the step's verifications into the per-request trackers and the engine's counters."""
+        """Fold the step's verifications into the per-request trackers and the engine's counters; hand the step's
+        by-products (captured states) to a drafter that reads them."""
+        drafter_observe = getattr(self.drafter, "observe", None)
+        if drafter_observe is not None:
+            drafter_observe(scheduler_output, model_output)
         scheduled = scheduler_output.scheduled
         for index, token_ids in zip(model_output.sampled, model_output.token_ids):
             request = scheduled[index]
@@ -87,14 +97,21 @@ class Speculator:
             if tracker is not None:
                 tracker.add(num_drafts, num_accepted)
 
+    def imported(self, request_id: str, features: PromptFeatures) -> None:
+        """A prompt prefilled elsewhere joined: give the drafter what the prefill tier captured for it."""
+        add_features = getattr(self.drafter, "add_features", None)
+        if add_features is not None:
+            add_features(request_id, features.start_position, features.features)
+
     def forget(self, request_id: str) -> None:
         self._trackers.pop(request_id, None)
         self.drafter.forget(request_id)
 
 
-def make_drafter(config: EngineConfig, vocab_size: int) -> Drafter:
-    """The drafter `config.speculative` names, for an engine of this config whose model has vocab_size tokens."""
+def make_drafter(config: EngineConfig, loaded: LoadedModel) -> Drafter:
+    """The drafter `config.speculative` names, for an engine of this config over this loaded target."""
     spec = config.speculative
+    vocab_size = loaded.config.vocab_size
     if spec.method == "ngram":
         from workers.spec.ngram import NgramDrafter
 
@@ -113,4 +130,9 @@ def make_drafter(config: EngineConfig, vocab_size: int) -> Drafter:
             raise ValueError(f"speculative.draft_model has a {draft_vocab}-token vocabulary; the target's has "
                              f"{vocab_size}: a draft model must share the target's tokenizer")
         return DraftModelDrafter(draft)
+    if spec.method == "eagle3":
+        from workers.spec.eagle3 import load_head_for
+        from workers.spec.eagle3_drafter import Eagle3Drafter
+
+        return Eagle3Drafter(load_head_for(loaded, spec.eagle_head))
     raise ValueError(f"unknown speculative method {spec.method!r}")

@@ -48,6 +48,7 @@ class SpecBenchResult:
     num_speculative_tokens: int
     max_batch_size: int
     cells: list[SpecCell]
+    llama_server: list[dict] = field(default_factory=list)  # the llama.cpp baseline, when --llama-server was given
     machine: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,10 +113,23 @@ def run_spec_bench(args: argparse.Namespace) -> int:
                 cells.append(_measure_cell(plain, engine, method, family, streams, loaded.tokenizer, params,
                                            args.rounds))
     spec = base.speculative
+    baseline = []
+    if args.llama_server:
+        from dataclasses import asdict as as_dict
+
+        from cluster.tools.llama_baseline import run_llama_baseline
+        from workers.model.loader import resolve_model_path
+
+        draft = args.llama_draft_model or spec.draft_model
+        _progress(f"llama-server baseline ({args.llama_server}), draft model {draft}")
+        baseline = [as_dict(r) for r in run_llama_baseline(
+            args.llama_server, loaded.path, resolve_model_path(draft) if draft else None,
+            {family: family_prompts(family, loaded.tokenizer, 1) for family in families}, args.decode_tokens,
+            __import__("torch").get_num_threads(), args.no_repack)]
     result = SpecBenchResult(
         model=os.path.basename(loaded.path), max_tokens=args.decode_tokens, rounds=args.rounds,
         threads=__import__("torch").get_num_threads(), num_speculative_tokens=spec.num_speculative_tokens,
-        max_batch_size=spec.max_batch_size, cells=cells,
+        max_batch_size=spec.max_batch_size, cells=cells, llama_server=baseline,
         machine={"platform": platform.platform(), "cpus": str(os.cpu_count())})
     print(format_table(result))
     if args.json_out:
@@ -166,6 +180,11 @@ def format_table(result: SpecBenchResult) -> str:
         lines.append(f"{cell.method:<12}{cell.family:<11}{cell.streams:>8}{cell.plain_decode_tok_s:>13.1f}"
                      f"{cell.spec_decode_tok_s:>12.1f}{cell.speedup:>8.2f}x{cell.mean_acceptance_length:>12.2f}"
                      f"{100 * cell.acceptance_rate:>9.0f}%{'yes' if cell.greedy_exact else 'NO':>7}")
+    for entry in result.llama_server:
+        acceptance = entry["draft_acceptance"]
+        lines.append(f"llama-server {'(-md draft)' if entry['draft'] else '(plain)':<12} {entry['family']:<11} "
+                     f"1 stream: {entry['decode_tok_s']:.1f} tok/s"
+                     + (f", acceptance {100 * acceptance:.0f}%" if acceptance is not None else ""))
     return "\n".join(lines)
 
 
@@ -199,3 +218,10 @@ def write_plot(result: SpecBenchResult, path: str) -> None:
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec-methods", default="ngram", help="spec: drafters to measure (comma list)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="spec: prompt families (comma list)")
+    parser.add_argument("--llama-server", default=None, metavar="PATH",
+                        help="spec: also time llama.cpp's llama-server on the same GGUF, plain and with its own "
+                             "draft-model speculation (-md), single stream")
+    parser.add_argument("--llama-draft-model", default=None,
+                        help="spec: llama-server's draft model (default: --speculative-draft-model)")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="spec: pass --no-repack to llama-server (its repacked weights crash on AMX CPUs)")

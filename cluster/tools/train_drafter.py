@@ -23,9 +23,51 @@ def default_texts() -> list[str]:
 
     from pydoc_data.topics import topics
 
-    texts = [topics[name] for name in sorted(topics)]
+    from cluster.tools.spec_prompts import _passages
+
+    held_out = set(_passages())  # the passages `bench spec` summarises are not training text
+    texts = [topics[name] for name in sorted(topics) if topics[name].strip()[:1600] not in held_out]
     texts += [inspect.getsource(importlib.import_module(name)) for name in TRAINING_MODULES]
     return texts
+
+
+def self_distilled_windows(loaded, count: int, seq_len: int, max_tokens: int = 256) -> list[list[int]]:
+    """The target's own greedy answers to chat prompts over training sources (prompt + answer, first seq_len
+    tokens): what the head will see when it drafts (EAGLE trains on the target's regenerated responses)."""
+    import importlib
+
+    from pydoc_data.topics import topics
+
+    from workers.config import EngineConfig
+    from workers.engine import Engine
+    from workers.sampling_params import SamplingParams
+
+    sources = []
+    for name in TRAINING_MODULES:
+        module = importlib.import_module(name)
+        for _, function in inspect.getmembers(module, inspect.isfunction):
+            if function.__module__ == name and 300 < len(inspect.getsource(function)) < 1500:
+                sources.append(("Explain what this Python function does, then rewrite it with type hints and "
+                                "comments.\n\n```python\n" + inspect.getsource(function) + "```"))
+    passages = [text for name, text in sorted(topics.items()) if 600 <= len(text)][16:]
+    sources += ["Summarise the following text.\n\n" + text[:1500] for text in passages]
+    contents = [sources[(i * 7919) % len(sources)] for i in range(count)]  # spread over both kinds
+    tokenizer = loaded.tokenizer
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": c}])) for c in contents]
+    # Its own copy of the model: an engine repacks its model's linears for decode, which would slow the long
+    # prefill passes of the feature extraction that follows.
+    engine = Engine(EngineConfig(model=loaded.path, max_num_seqs=32, freeze_gc_heap=False))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    windows = []
+    for start in range(0, len(prompts), 32):
+        batch = prompts[start:start + 32]
+        for prompt, completion in zip(batch, engine.generate(batch, params)):
+            sequence = prompt + completion.token_ids
+            if len(sequence) >= seq_len:
+                windows.append(sequence[-seq_len:])  # the answer, with as much of the prompt as fits
+        print(f"[train-drafter] self-distilled {min(start + 32, len(prompts))}/{len(prompts)} answers",
+              file=sys.stderr)
+    return windows
 
 
 def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None) -> list[list[int]]:
@@ -58,6 +100,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
                          max_steps=args.steps, max_minutes=args.minutes, draft_vocab_size=args.draft_vocab,
                          seed=args.seed)
     windows = token_windows(loaded.tokenizer, texts, config.seq_len, args.max_windows)
+    if args.self_distill:
+        windows += self_distilled_windows(loaded, args.self_distill, config.seq_len)
     if not windows:
         print(f"error: the text has fewer than {config.seq_len} tokens", file=sys.stderr)
         return 2
@@ -86,6 +130,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (cosine decay)")
     parser.add_argument("--draft-vocab", type=int, default=defaults.draft_vocab_size, help="draft vocabulary size")
     parser.add_argument("--max-windows", type=int, default=None, help="use at most this many windows")
+    parser.add_argument("--self-distill", type=int, default=0, metavar="N",
+                        help="also train on the target's own answers to N chat prompts over the training sources")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.set_defaults(func=cmd_train_drafter)

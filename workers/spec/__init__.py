@@ -1,9 +1,19 @@
-"""Speculative decoding (issue 16 builds it here): drafters behind one `Drafter` interface (n-gram, draft model,
-EAGLE-3/3.1, MTP, block/JetSpec) and the verifier.
+"""Speculative decoding: a drafter proposes, the target verifies k drafts in one pass, the output is plain decoding's.
 
-Where it plugs in: a drafter proposes tokens for a running request between steps; the scheduler puts them in
-`ScheduledRequest.draft_token_ids` (workers/step.py) and allocates their slots like any other new tokens (the
-"num_computed_tokens catches up" rule covers them); the runner scores them in the same forward pass; the
-verifier (rejection sampling, workers/sampler.py) accepts a prefix; Scheduler.update appends the accepted
-tokens and rolls num_computed_tokens back past the rejected ones.
+    drafter.py        the Drafter interface (propose / forget), DraftRequest, Draft, PromptFeatures
+    ngram.py          prompt lookup (no weights)
+    draft_model.py    a smaller same-vocabulary model with its own paged KV, mirrors rolled back by length
+    eagle3.py         the EAGLE-3 head (vLLM / SGLang checkpoint layout; EAGLE 3.1 options)
+    eagle3_drafter.py drafting with the head over the target's captured states
+    eagle3_train.py   the training-time-test trainer (`tierserve train-drafter eagle3`)
+    prompt_features.py the prefill tier's capture of what an EAGLE-3 decode tier reads of the prompt
+    verify.py         greedy acceptance and rejection sampling (the target distribution is kept)
+    policy.py         how many drafts: batch back-off, per-request acceptance
+    speculator.py     the step hook: propose before schedule, statistics after the step
+
+Where it plugs in: the Speculator leaves drafts on each decoding Sequence; the scheduler schedules them with the
+decode (budget and pool permitting) as `ScheduledRequest.draft_token_ids`; the runner computes them as k + 1
+decode rows (causal by construction: every row's K/V is written before any row attends) and verifies them;
+Scheduler.update advances num_computed_tokens past the accepted drafts only: the rejected slots are overwritten
+by the next step and never published to the prefix cache.
 """

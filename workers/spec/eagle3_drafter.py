@@ -94,49 +94,79 @@ class Eagle3Drafter:
     # ---- drafts out ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        return [Draft(self._draft(request)) for request in requests]
-
-    def _draft(self, request: DraftRequest) -> tuple[int, ...]:
-        state = self.states.get(request.request_id)
-        last = len(request.token_ids) - 1  # n: the known token the next target step computes
-        if state is None or state.pending_start != state.num_cached or state.pending_end != last:
-            return ()  # features missing (not captured, or arriving from elsewhere): no draft this step
+        """Catch every ready request up over its new positions, then draft k tokens; the head's matmuls run once
+        per draft depth for all requests together (only the attention is per request: each has its own K/V)."""
         head = self.head
-        features = torch.cat(state.pending) if state.pending else None
-        if features is None:
-            return ()
-        start = state.num_cached
-        token_ids = torch.tensor(request.token_ids[start + 1:last + 1], dtype=torch.long)
-        hidden = head.fuse(features)  # [P, E], the layer's residual input
-        fed, logits = self._rows(state, token_ids, hidden, torch.arange(start, last), cached=True)
-        state.pending, state.pending_start = [], last
-        drafts = [int(head.to_target_ids(logits[-1].argmax()))]
-        state_in = fed[-1:]
-        for step in range(1, request.num_draft_tokens):
-            fed, logits = self._rows(state, torch.tensor([drafts[-1]]), state_in,
-                                     torch.tensor([last + step - 1]), cached=False)
-            drafts.append(int(head.to_target_ids(logits[-1].argmax())))
-            state_in = fed
-        return tuple(drafts)
+        drafts: list[list[int]] = [[] for _ in requests]
+        ready = []  # (request index, state, last)
+        rows = []
+        for index, request in enumerate(requests):
+            state = self.states.get(request.request_id)
+            last = len(request.token_ids) - 1  # n: the known token the next target step computes
+            if state is None or not state.pending or state.pending_start != state.num_cached or \
+                    state.pending_end != last:
+                continue  # features missing (not captured, or arriving from elsewhere): no draft this step
+            start = state.num_cached
+            features = torch.cat(state.pending)
+            state.pending, state.pending_start = [], last
+            ready.append((index, state, last))
+            rows.append((state, torch.tensor(request.token_ids[start + 1:last + 1], dtype=torch.long),
+                         head.fuse(features), torch.arange(start, last), True))
+        depth = 0
+        while rows:
+            results = self._step(rows)
+            next_rows = []
+            for (index, state, last), (fed, logits) in zip(ready, results):
+                drafts[index].append(int(head.to_target_ids(logits[-1].argmax())))
+                if len(drafts[index]) < requests[index].num_draft_tokens:
+                    next_rows.append((state, torch.tensor([drafts[index][-1]]), fed[-1:],
+                                      torch.tensor([last + depth]), False))
+            ready = [entry for entry in ready if len(drafts[entry[0]]) < requests[entry[0]].num_draft_tokens]
+            rows = next_rows
+            depth += 1
+        return [Draft(tuple(tokens)) for tokens in drafts]
+
+    def _step(self, rows: list[tuple[_HeadState, torch.Tensor, torch.Tensor, torch.Tensor, bool]]
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run the head's layer over several requests' rows at once: per request (state, token_ids [n], hidden
+        [n, E], positions [n] consecutive, cached) -> (fed-back states [n, E], draft logits [n, Vd]). A request's
+        rows attend to its K/V before them and to each other causally; cached=True: they come from true
+        features, and their K/V stays."""
+        head = self.head
+        hidden = torch.cat([row[2] for row in rows])
+        query, key, value = head.qkv(torch.cat([row[1] for row in rows]), hidden,
+                                     torch.cat([row[3] for row in rows]))
+        outs = []
+        offset = 0
+        for state, token_ids, _, positions, cached in rows:
+            count = token_ids.shape[0]
+            first, end = int(positions[0]) - state.base, int(positions[-1]) + 1 - state.base
+            self._reserve(state, end)
+            state.keys[first:end] = key[offset:offset + count]
+            state.values[first:end] = value[offset:offset + count]
+            if cached:
+                state.num_cached = end + state.base
+            outs.append(causal_attention(query[offset:offset + count], state.keys[:end], state.values[:end],
+                                         head.scale))  # [n, H, D]
+            offset += count
+        out = torch.cat(outs)
+        fed, logits = head.finish(hidden, out.reshape(out.shape[0], -1))
+        sizes = [row[1].shape[0] for row in rows]
+        return list(zip(fed.split(sizes), logits.split(sizes)))
 
     def _rows(self, state: _HeadState, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
               cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the head's layer for rows at consecutive positions (attending to its K/V before them and to each
-        other causally); cached=True: they come from true features, their K/V stays."""
-        head = self.head
-        query, key, value = head.qkv(token_ids, hidden, positions)
-        first, end = int(positions[0]) - state.base, int(positions[-1]) + 1 - state.base
+        """One request's rows (what _step does for many)."""
+        return self._step([(state, token_ids, hidden, positions, cached)])[0]
+
+    @staticmethod
+    def _reserve(state: _HeadState, end: int) -> None:
         if end > state.keys.shape[0]:
             grown = max(end, 2 * state.keys.shape[0])
             state.keys = torch.cat([state.keys, state.keys.new_empty(grown - state.keys.shape[0],
                                                                      *state.keys.shape[1:])])
             state.values = torch.cat([state.values, state.values.new_empty(grown - state.values.shape[0],
                                                                            *state.values.shape[1:])])
-        state.keys[first:end], state.values[first:end] = key, value
-        if cached:
-            state.num_cached = end + state.base
-        out = causal_attention(query, state.keys[:end], state.values[:end], head.scale)  # [rows, H, D]
-        return head.finish(hidden, out.reshape(out.shape[0], -1))
 
     def forget(self, request_id: str) -> None:
         self.states.pop(request_id, None)

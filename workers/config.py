@@ -75,7 +75,8 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str | None = Field(None, description="GGUF file or HF directory; None = the default SmolLM2-135M GGUF")
+    model: str | None = Field(None, description="GGUF file, HF directory or registry name (`tierserve models list`); "
+                                                 "None = the default SmolLM2-135M GGUF")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
     device: str = Field("auto", description="auto = cuda if available else cpu")

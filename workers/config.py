@@ -56,10 +56,14 @@ class SpeculativeConfig(BaseModel):
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="drafts per step at most, per request")
     ngram_max: int = Field(4, ge=1, description="ngram: the longest suffix looked up in the context")
     ngram_min: int = Field(2, ge=1, description="ngram: the shortest suffix that may propose")
-    max_batch_size: int = Field(8, ge=0, description="back off: no drafting while more requests than this run "
-                                                    "(a verify pass is no longer free when the batch is large)")
-    min_acceptance: float = Field(0.2, ge=0, le=1, description="a request whose recent drafts are accepted less "
-                                                               "often than this drafts one token at a time")
+    policy: Literal["cost", "fixed"] = Field(
+        "cost", description="how many drafts: cost = each request's acceptance rate against the step cost fitted "
+                            "online (drafts only while they raise tokens per second); fixed = always "
+                            "num_speculative_tokens")
+    row_cost_prior: float = Field(0.3, ge=0, description="cost: what one more row costs, as a fraction of a "
+                                                         "one-row decode step, until decode steps have been timed")
+    max_batch_size: int = Field(32, ge=0, description="no drafting while more requests than this run (a guard "
+                                                      "above the cost policy)")
 
     @model_validator(mode="after")
     def _ngram_range(self) -> "SpeculativeConfig":

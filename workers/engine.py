@@ -36,9 +36,9 @@ from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence
 from workers.spec.drafter import PromptFeatures
-from workers.spec.policy import SpecPolicy
+from workers.spec.policy import StepCostModel
 from workers.spec.prompt_features import PromptFeatureCollector, prompt_feature_layers
-from workers.spec.speculator import Speculator, make_drafter
+from workers.spec.speculator import Speculator, make_drafter, make_policy
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ class Engine:
         self.prompt_features = PromptFeatureCollector(prompt_feature_layers(config, self.loaded)) \
             if config.role == "prefill" else None
         if spec.method != "none" and config.role != "prefill":
-            self.speculator = Speculator(make_drafter(config, self.loaded),
-                                         SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size,
-                                                    spec.min_acceptance), self.max_model_len)
+            cost = StepCostModel(spec.row_cost_prior)
+            self.speculator = Speculator(make_drafter(config, self.loaded), make_policy(config, cost),
+                                         self.max_model_len, cost)
         self._capture_layer_ids = self.speculator.capture_layer_ids if self.speculator is not None else \
             (self.prompt_features.layer_ids if self.prompt_features is not None else ())
         self._bytes_per_block = bytes_per_block
@@ -257,7 +257,11 @@ class Engine:
             return []
         if self._capture_layer_ids:
             model_input = dataclasses.replace(model_input, capture_layer_ids=self._capture_layer_ids)
+        started = time.perf_counter()
         model_output = self.runner.execute(model_input)
+        if self.speculator is not None:
+            self.speculator.step_timed(scheduler_output.num_scheduled_tokens, time.perf_counter() - started,
+                                       decode_only=not any(r.in_prefill for r in scheduler_output.scheduled))
         self.eviction.observe(model_input, model_output)
         if self.prompt_features is not None:
             self.prompt_features.observe(scheduler_output, model_output)

@@ -48,6 +48,7 @@ class SpecBenchResult:
     num_speculative_tokens: int
     max_batch_size: int
     cells: list[SpecCell]
+    policy: str = "cost"
     llama_server: list[dict] = field(default_factory=list)  # the llama.cpp baseline, when --llama-server was given
     machine: dict[str, str] = field(default_factory=dict)
 
@@ -129,7 +130,7 @@ def run_spec_bench(args: argparse.Namespace) -> int:
     result = SpecBenchResult(
         model=os.path.basename(loaded.path), max_tokens=args.decode_tokens, rounds=args.rounds,
         threads=__import__("torch").get_num_threads(), num_speculative_tokens=spec.num_speculative_tokens,
-        max_batch_size=spec.max_batch_size, cells=cells, llama_server=baseline,
+        max_batch_size=spec.max_batch_size, cells=cells, policy=spec.policy, llama_server=baseline,
         machine={"platform": platform.platform(), "cpus": str(os.cpu_count())})
     print(format_table(result))
     if args.json_out:
@@ -172,7 +173,7 @@ def _measure_cell(plain, engine, method: str, family: str, streams: int, tokeniz
 
 def format_table(result: SpecBenchResult) -> str:
     lines = [f"bench spec: {result.model}, {result.max_tokens} greedy tokens per stream, {result.rounds} rounds, "
-             f"{result.threads} threads, k={result.num_speculative_tokens}, back-off above "
+             f"{result.threads} threads, k<={result.num_speculative_tokens}, {result.policy} policy, none above "
              f"{result.max_batch_size} requests",
              f"{'drafter':<12}{'family':<11}{'streams':>8}{'plain tok/s':>13}{'spec tok/s':>12}{'speedup':>9}"
              f"{'accept len':>12}{'accept %':>10}{'exact':>7}"]

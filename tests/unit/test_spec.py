@@ -19,7 +19,7 @@ from workers.sampling_params import SamplingParams
 from workers.sequence import FinishReason
 from workers.spec.drafter import Draft, DraftRequest
 from workers.spec.ngram import NgramDrafter, lookup
-from workers.spec.policy import SpecPolicy
+from workers.spec.policy import FixedPolicy
 from workers.spec.speculator import Speculator
 from workers.spec.verify import verify_drafts
 
@@ -57,9 +57,8 @@ class ScriptedDrafter:
         pass
 
 
-def with_drafter(engine: Engine, drafter, num_speculative_tokens: int = 4, max_batch_size: int = 64,
-                 min_acceptance: float = 0.0) -> Engine:
-    engine.speculator = Speculator(drafter, SpecPolicy(num_speculative_tokens, max_batch_size, min_acceptance),
+def with_drafter(engine: Engine, drafter, num_speculative_tokens: int = 4, max_batch_size: int = 64) -> Engine:
+    engine.speculator = Speculator(drafter, FixedPolicy(num_speculative_tokens, max_batch_size),
                                    engine.max_model_len)
     return engine
 
@@ -319,7 +318,7 @@ def test_decode_tier_first_draft_equals_the_unified_runs(tiny_loaded, tiny_draft
 
     random_head(tiny_loaded).save(str(tmp_path))
     spec = SpeculativeConfig(method=method, ngram_min=1, ngram_max=3, draft_model=str(tiny_draft_dir),
-                             draft_kv_cache_memory_mb=4, eagle_head=str(tmp_path))
+                             draft_kv_cache_memory_mb=4, eagle_head=str(tmp_path), policy="fixed")
     prompts = random_prompts(4, seed=23, min_len=10, max_len=40)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
@@ -342,3 +341,41 @@ def test_decode_tier_first_draft_equals_the_unified_runs(tiny_loaded, tiny_draft
         assert decode_drafts.first[f"r{index}"] == unified_first  # (at the same length, the same tokens)
     assert_no_blocks_held(decode)
     assert_no_blocks_held(prefill)
+
+
+# ---- the policy ---------------------------------------------------------------------------------------------------
+def test_step_cost_model_fits_the_machine_and_starts_from_the_prior():
+    from workers.spec.policy import StepCostModel
+
+    model = StepCostModel(row_cost_prior=0.5)
+    assert model.estimate() == (1.0, 0.5)
+    for _ in range(20):
+        model.add_step(4, 0.03)  # the rows never varied: the prior splits the step (1 row = 0.03 / 2.5)
+    fixed, per_row = model.estimate()
+    assert per_row == pytest.approx(0.5 * 0.012) and fixed + 4 * per_row == pytest.approx(0.03)
+    for _ in range(10):
+        for rows in range(1, 30):
+            model.add_step(rows, 0.01 + 0.002 * rows)
+    fixed, per_row = model.estimate()
+    assert per_row == pytest.approx(0.002, rel=0.05) and fixed == pytest.approx(0.01, rel=0.1)
+
+
+def test_cost_aware_policy_drafts_where_drafts_pay():
+    from workers.spec.policy import Candidate, CostAwarePolicy, StepCostModel
+
+    def plan(per_row_fraction, acceptances, num_running=None):
+        cost = StepCostModel(row_cost_prior=per_row_fraction)
+        cost.add_step(1, 1.0)
+        policy = CostAwarePolicy(num_speculative_tokens=4, max_batch_size=16, cost=cost)
+        candidates = [Candidate(a, 10) for a in acceptances]
+        running = num_running or len(candidates)
+        return policy.plan(candidates, running, running)
+
+    # Rows nearly free (a GPU, or a big model's weights on a CPU): everyone drafts deep, even at low acceptance.
+    assert plan(0.01, [0.9, 0.5]) == [4, 4]
+    # Rows as dear as the step's fixed part (a small model on a CPU): only reliable drafters draft, less deep.
+    assert plan(0.5, [0.9, 0.2]) == [2, 0]
+    assert plan(0.5, [0.2, 0.2]) == [0, 0]
+    # More requests: the step already yields more tokens, so a draft must gain more to pay.
+    assert sum(plan(0.3, [0.7] * 8)) < 8 * sum(plan(0.3, [0.7]))
+    assert plan(0.01, [0.9] * 17) == [0] * 17  # above max_batch_size: the guard

@@ -4,18 +4,21 @@ the verification into acceptance statistics.
 
 Who drafts: a running request whose prompt is done and whose one new token is its last (a decode), that did
 not opt out (SamplingParams.speculative), is not teacher-forced, and has room: drafts never reach past
-max_tokens or the context window, so a verify pass never computes a position the plain decode could not.
+max_tokens or the context window, so a verify pass never computes a position the plain decode could not. How
+many: the policy's plan (workers/spec/policy.py), from each request's acceptance rate and the step cost model
+the engine feeds with every decode step's time.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from workers.config import EngineConfig
 from workers.model.loader import LoadedModel
 from workers.sequence import Sequence
 from workers.spec.drafter import DraftRequest, Drafter, PromptFeatures
-from workers.spec.policy import AcceptanceTracker, SpecPolicy
+from workers.spec.policy import AcceptanceTracker, Candidate, CostAwarePolicy, FixedPolicy, StepCostModel
 from workers.step import ModelOutput, SchedulerOutput
 
 
@@ -39,11 +42,16 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, drafter: Drafter, policy: SpecPolicy, max_model_len: int):
+    def __init__(self, drafter: Drafter, policy: FixedPolicy | CostAwarePolicy, max_model_len: int,
+                 cost: StepCostModel | None = None):
         self.drafter = drafter
         self.policy = policy
         self.max_model_len = max_model_len
+        self.cost = cost or StepCostModel()
         self.stats = SpecStats()
+        # Across requests: a new request's prior. Optimistic at first, so the first drafts are tried and measured
+        # (a policy that never drafts never learns that it should).
+        self.acceptance = AcceptanceTracker(rate=0.8, decay=0.98)
         self._trackers: dict[str, AcceptanceTracker] = {}
 
     def propose(self, running: list[Sequence]) -> None:
@@ -51,25 +59,41 @@ class Speculator:
         decoding = [seq for seq in running if seq.prefill_done and seq.num_tokens - seq.num_computed_tokens == 1]
         for seq in running:
             seq.draft_token_ids, seq.draft_probs = (), None
-        # The batch is every running request: a prefill chunk in the step costs the pass as much as decode rows.
-        if not decoding or not self.policy.batch_allows(len(running)):
-            return
-        asks: list[DraftRequest] = []
+        candidates: list[Candidate] = []
         askers: list[Sequence] = []
         for seq in decoding:
             params = seq.params
             if not params.speculative or params.forced_token_ids:
                 continue
             room = min(params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
-            tracker = self._trackers.setdefault(seq.request_id, AcceptanceTracker())
-            num_draft_tokens = self.policy.num_draft_tokens(tracker, room)
-            if num_draft_tokens:
-                asks.append(DraftRequest(seq.request_id, seq.token_ids, num_draft_tokens))
-                askers.append(seq)
+            if room <= 0:
+                continue
+            tracker = self._trackers.setdefault(seq.request_id, AcceptanceTracker(rate=self.acceptance.rate))
+            candidates.append(Candidate(tracker.rate, room))
+            askers.append(seq)
+        num_rows = sum(min(seq.num_tokens - seq.num_computed_tokens, 1) for seq in running)
+        plan = self.policy.plan(candidates, len(running), num_rows)
+        asks = []
+        drafting = []
+        for seq, candidate, num_drafts in zip(askers, candidates, plan):
+            if num_drafts:
+                asks.append(DraftRequest(seq.request_id, seq.token_ids, num_drafts))
+                drafting.append(seq)
+            else:  # not drafting teaches nothing: drift back toward the common rate, so it is tried again
+                tracker = self._trackers[seq.request_id]
+                tracker.rate += 0.1 * (self.acceptance.rate - tracker.rate)
         if not asks:
             return
-        for seq, draft in zip(askers, self.drafter.propose(asks)):
+        started = time.perf_counter()
+        drafts = self.drafter.propose(asks)
+        self.cost.add_drafting(sum(len(d.token_ids) for d in drafts), time.perf_counter() - started)
+        for seq, draft in zip(drafting, drafts):
             seq.draft_token_ids, seq.draft_probs = draft.token_ids, draft.probs
+
+    def step_timed(self, num_rows: int, seconds: float, decode_only: bool) -> None:
+        """The engine's forward pass took `seconds` for `num_rows` rows: what the cost model learns from."""
+        if decode_only:
+            self.cost.add_step(num_rows, seconds)
 
     @property
     def capture_layer_ids(self) -> tuple[int, ...]:
@@ -93,6 +117,7 @@ class Speculator:
             self.stats.num_draft_tokens += num_drafts
             self.stats.num_accepted_tokens += num_accepted
             self.stats.num_emitted_tokens += len(token_ids)
+            self.acceptance.add(num_drafts, num_accepted)
             tracker = self._trackers.get(request.request_id)
             if tracker is not None:
                 tracker.add(num_drafts, num_accepted)
@@ -136,3 +161,10 @@ def make_drafter(config: EngineConfig, loaded: LoadedModel) -> Drafter:
 
         return Eagle3Drafter(load_head_for(loaded, spec.eagle_head))
     raise ValueError(f"unknown speculative method {spec.method!r}")
+
+
+def make_policy(config: EngineConfig, cost: StepCostModel) -> FixedPolicy | CostAwarePolicy:
+    spec = config.speculative
+    if spec.policy == "fixed":
+        return FixedPolicy(spec.num_speculative_tokens, spec.max_batch_size)
+    return CostAwarePolicy(spec.num_speculative_tokens, spec.max_batch_size, cost)

@@ -22,6 +22,12 @@ from workers.spec.policy import AcceptanceTracker, Candidate, CostAwarePolicy, F
 from workers.step import ModelOutput, SchedulerOutput
 
 
+# A request's acceptance before any of its drafts was verified, and where a request that stopped drafting drifts
+# back to. Optimistic on purpose: each request's own text decides (a code edit and a chat answer on one tier
+# differ by 3x), and a policy that never drafts never learns that it should.
+OPTIMISTIC_ACCEPTANCE = 0.8
+
+
 @dataclass
 class SpecStats:
     """Lifetime counters of one engine (the tier's metrics)."""
@@ -49,9 +55,7 @@ class Speculator:
         self.max_model_len = max_model_len
         self.cost = cost or StepCostModel()
         self.stats = SpecStats()
-        # Across requests: a new request's prior. Optimistic at first, so the first drafts are tried and measured
-        # (a policy that never drafts never learns that it should).
-        self.acceptance = AcceptanceTracker(rate=0.8, decay=0.98)
+        self.acceptance = AcceptanceTracker(rate=OPTIMISTIC_ACCEPTANCE, decay=0.98)  # across requests (a metric)
         self._trackers: dict[str, AcceptanceTracker] = {}
 
     def propose(self, running: list[Sequence]) -> None:
@@ -68,7 +72,7 @@ class Speculator:
             room = min(params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
             if room <= 0:
                 continue
-            tracker = self._trackers.setdefault(seq.request_id, AcceptanceTracker(rate=self.acceptance.rate))
+            tracker = self._trackers.setdefault(seq.request_id, AcceptanceTracker(rate=OPTIMISTIC_ACCEPTANCE))
             candidates.append(Candidate(tracker.rate, room))
             askers.append(seq)
         num_rows = sum(min(seq.num_tokens - seq.num_computed_tokens, 1) for seq in running)
@@ -79,9 +83,9 @@ class Speculator:
             if num_drafts:
                 asks.append(DraftRequest(seq.request_id, seq.token_ids, num_drafts))
                 drafting.append(seq)
-            else:  # not drafting teaches nothing: drift back toward the common rate, so it is tried again
+            else:  # not drafting teaches nothing: drift back up, so that it is tried again before long
                 tracker = self._trackers[seq.request_id]
-                tracker.rate += 0.1 * (self.acceptance.rate - tracker.rate)
+                tracker.rate += 0.05 * (OPTIMISTIC_ACCEPTANCE - tracker.rate)
         if not asks:
             return
         started = time.perf_counter()

@@ -22,9 +22,9 @@
 #include "cpu_kernels.h"
 
 typedef struct {
-    int32_t format; /* 4 = q4, 8 = q8 (quant_linear_f32) */
+    int32_t format, group; /* 4 = q4, 8 = q8; weights per scale, 32 or 16 (quant_linear_f32) */
     const void *quants;
-    const float *scales, *mins, *bias; /* mins: q4 only; bias may be NULL */
+    const float *scales, *mins, *bias; /* mins: q4, optional for q8; bias may be NULL */
     int64_t in_features, out_features;
 } QuantWeight;
 
@@ -52,8 +52,8 @@ typedef struct {
 } DecodeStep;
 
 static int linear(const QuantWeight *w, const float *x, float *out, int64_t T, int num_threads) {
-    return quant_linear_f32(w->format, w->quants, w->scales, w->mins, w->bias, x, out, T, w->in_features,
-                            w->out_features, num_threads);
+    return quant_linear_f32(w->format, w->group, w->quants, w->scales, w->mins, w->bias, x, out, T,
+                            w->in_features, w->out_features, num_threads);
 }
 
 /* hidden [T, E] is the residual stream, updated in place. Returns 0, or the first failing kernel's status with the

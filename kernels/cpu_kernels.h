@@ -15,8 +15,8 @@ int kv_write(const float *key, const float *value, int64_t key_stride, int64_t v
 
 int native_has_half(void);
 
-int quant_linear_f32(int format, const void *quants, const float *scales, const float *mins, const float *bias,
-                     const float *x, float *out, int64_t M, int64_t K, int64_t N, int num_threads);
+int quant_linear_f32(int format, int group, const void *quants, const float *scales, const float *mins,
+                     const float *bias, const float *x, float *out, int64_t M, int64_t K, int64_t N, int num_threads);
 
 void rms_norm_f32(float *x, const float *residual, const float *weight, float *out, int64_t T, int64_t E, float eps,
                   int num_threads);

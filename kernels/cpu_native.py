@@ -113,7 +113,7 @@ def native_kernels() -> ctypes.CDLL | None:
     library.native_has_half.restype = ctypes.c_int
     library.decode_layers.argtypes = [pointer, pointer, i64, pointer]
     library.decode_layers.restype = ctypes.c_int
-    library.quant_linear_f32.argtypes = [ctypes.c_int] + [pointer] * 6 + [i64] * 3 + [ctypes.c_int]
+    library.quant_linear_f32.argtypes = [ctypes.c_int] * 2 + [pointer] * 6 + [i64] * 3 + [ctypes.c_int]
     library.quant_linear_f32.restype = ctypes.c_int
     f32, i32 = ctypes.c_float, ctypes.c_int
     library.rms_norm_f32.argtypes = [pointer] * 4 + [i64] * 2 + [f32, i32]

@@ -22,14 +22,14 @@ def run_mixed_batch(engine: Engine) -> tuple[dict[str, list], int]:
     native_steps = 0
     native = engine.runner.native_decode
     if native is not None:
-        original = native.forward
+        original = native.forward_captured  # what the runner calls (forward is its capture-free wrapper)
 
         def counting_forward(*args, **kwargs):
             nonlocal native_steps
             native_steps += 1
             return original(*args, **kwargs)
 
-        native.forward = counting_forward
+        native.forward_captured = counting_forward
     tokenizer = engine.tokenizer
     prompts = [tokenizer.encode(p) for p in PLAIN_PROMPTS[:3]] + [tokenizer.encode(PLAIN_PROMPTS[0] * 5)]
     params = [SamplingParams(max_tokens=24, temperature=0, logprobs=3, ignore_eos=True),
@@ -47,7 +47,7 @@ def run_mixed_batch(engine: Engine) -> tuple[dict[str, list], int]:
             break
     assert not engine.has_unfinished() and engine.pool.num_used_blocks == 0
     if native is not None:
-        native.forward = original
+        native.forward_captured = original
     return outputs, native_steps
 
 

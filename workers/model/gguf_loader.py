@@ -145,8 +145,9 @@ def _rope_permuted_heads(hf_name: str, config: ModelConfig) -> int | None:
 
 @dataclass(frozen=True)
 class GGUFBlockTensor:
-    """A 2-D weight stored in 32-weight blocks (Q4_0, Q4_1, Q8_0), kept as the file's bytes for the block-quantized
-    linears (workers/model/block_quant_linear.py). The bytes are a view of the memory-mapped file: free to keep."""
+    """A 2-D weight stored in a block type the kernel reads (kernels/quant_linear.py BLOCK_QUANT_TYPES: Q4_0, Q4_1,
+    Q8_0, Q5_0, Q4_K, Q6_K), kept as the file's bytes for the block-quantized linears
+    (workers/model/block_quant_linear.py). The bytes are a view of the memory-mapped file: free to keep."""
 
     hf_name: str
     type_name: str

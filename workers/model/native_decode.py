@@ -27,9 +27,9 @@ from workers.model.llama import LlamaForCausalLM
 
 
 class _QuantWeight(ctypes.Structure):
-    _fields_ = [("format", ctypes.c_int32), ("quants", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("mins", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("in_features", ctypes.c_int64),
-                ("out_features", ctypes.c_int64)]
+    _fields_ = [("format", ctypes.c_int32), ("group", ctypes.c_int32), ("quants", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]
 
 
 class _DecodeLayer(ctypes.Structure):
@@ -48,8 +48,8 @@ class _DecodeStep(ctypes.Structure):
 
 def _quant_weight(linear: BlockQuantLinear) -> _QuantWeight:
     packed = linear.packed
-    return _QuantWeight(4 if packed.kind == "q4" else 8, packed.quants.data_ptr(), packed.scales.data_ptr(),
-                        None if packed.mins is None else packed.mins.data_ptr(),
+    return _QuantWeight(4 if packed.kind == "q4" else 8, packed.group, packed.quants.data_ptr(),
+                        packed.scales.data_ptr(), None if packed.mins is None else packed.mins.data_ptr(),
                         None if linear.bias is None else linear.bias.data_ptr(), packed.in_features,
                         packed.out_features)
 

@@ -103,9 +103,10 @@ class EngineConfig(BaseModel):
                                                      "(a 32-stream decode step ~16% faster, measured; about one "
                                                      "more copy of the weights in memory)")
     block_quant_linears: bool = Field(True, description="float32 on CPU with a GGUF model: batches of up to 64 rows "
-                                                        "multiply by the file's Q4_0/Q4_1/Q8_0 blocks (dequantized "
-                                                        "exactly in the native kernel) instead of the fp32 copies; "
-                                                        "like packing, it changes a shared model for every engine")
+                                                        "multiply by the file's Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 "
+                                                        "blocks (dequantized exactly in the native kernel) instead "
+                                                        "of the fp32 copies; like packing, it changes a shared model "
+                                                        "for every engine")
     native_decode_layers: bool = Field(True, description="float32 on CPU with block-quantized linears: a pure-decode "
                                                           "step runs all its layers in one native call (the same "
                                                           "kernels as the module path, bit-identical, without the "

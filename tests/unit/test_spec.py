@@ -38,6 +38,11 @@ class ScriptedDrafter:
         self.vocab_size = vocab_size
         self.num_proposed = 0
 
+    @classmethod
+    def for_runs(cls, prompts: list[list[int]], outputs: list[list[int]], error_rate: float, seed: int = 0):
+        """Proposes from these prompts' known outputs."""
+        return cls({tuple(prompt): output for prompt, output in zip(prompts, outputs)}, error_rate, seed)
+
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         drafts = []
         for request in requests:
@@ -71,7 +76,7 @@ def plain_outputs(tiny_loaded, prompts, params=GREEDY, **overrides) -> list[list
 def test_greedy_output_is_plain_decoding_whatever_the_drafts(tiny_loaded, error_rate):
     prompts = random_prompts(6, seed=5)
     plain = plain_outputs(tiny_loaded, prompts)
-    drafter = ScriptedDrafter({tuple(p): out for p, out in zip(prompts, plain)}, error_rate, seed=1)
+    drafter = ScriptedDrafter.for_runs(prompts, plain, error_rate, seed=1)
     engine = with_drafter(make_engine(tiny_loaded, max_num_batched_tokens=16), drafter)
     assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == plain
     stats = engine.speculator.stats
@@ -118,7 +123,7 @@ def test_prefix_cache_never_serves_rejected_drafts(tiny_loaded):
 def test_stops_and_max_tokens_inside_an_accepted_run(tiny_loaded):
     prompts = random_prompts(4, seed=12)
     long_plain = plain_outputs(tiny_loaded, prompts)
-    drafter = ScriptedDrafter({tuple(p): out for p, out in zip(prompts, long_plain)}, error_rate=0.0)
+    drafter = ScriptedDrafter.for_runs(prompts, long_plain, error_rate=0.0)
     # max_tokens 7 with k = 4: the second pass would emit 5 tokens past the 5th; only 2 may land.
     engine = with_drafter(make_engine(tiny_loaded), drafter)
     short = engine.generate(prompts, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
@@ -137,7 +142,7 @@ def test_stops_and_max_tokens_inside_an_accepted_run(tiny_loaded):
 def test_opt_out_and_batch_backoff(tiny_loaded):
     prompts = random_prompts(4, seed=13)
     plain = plain_outputs(tiny_loaded, prompts)
-    drafter = ScriptedDrafter({tuple(p): out for p, out in zip(prompts, plain)}, error_rate=0.0)
+    drafter = ScriptedDrafter.for_runs(prompts, plain, error_rate=0.0)
     engine = with_drafter(make_engine(tiny_loaded), drafter)
     opted_out = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, speculative=False)
     assert [c.token_ids for c in engine.generate(prompts, opted_out)] == plain

@@ -230,6 +230,18 @@ def default_head_dir(model_path: str) -> str:
     return os.path.join(cache, os.path.basename(os.path.normpath(model_path)) + ".eagle3")
 
 
+def head_layer_ids(loaded, head_dir: str | None) -> tuple[int, ...]:
+    """The target layers a head reads, from its config alone (a prefill tier captures them, never loads the head)."""
+    directory = head_dir or default_head_dir(loaded.path)
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no EAGLE-3 head at {directory}: train one with `tierserve train-drafter eagle3 "
+                                f"--model {loaded.path}` (or give speculative.eagle_head)")
+    with open(path) as f:
+        layer_ids = Eagle3Config.from_hf(json.load(f)).aux_layer_ids
+    return layer_ids or default_aux_layer_ids(loaded.config.num_layers)
+
+
 def load_head_for(loaded, head_dir: str | None) -> Eagle3Head:
     """The EAGLE-3 head for this loaded target: from head_dir, or the cached one; checked against the target."""
     directory = head_dir or default_head_dir(loaded.path)

@@ -21,9 +21,9 @@ def prompt_feature_layers(config: EngineConfig, loaded) -> tuple[int, ...]:
     """The target layers a decode tier's drafter reads (only EAGLE-3 reads any); () when nothing is captured."""
     if config.speculative.method != "eagle3":
         return ()
-    from workers.spec.eagle3 import load_head_for
+    from workers.spec.eagle3 import head_layer_ids
 
-    return load_head_for(loaded, config.speculative.eagle_head).config.aux_layer_ids
+    return head_layer_ids(loaded, config.speculative.eagle_head)
 
 
 class PromptFeatureCollector:

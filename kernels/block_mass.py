@@ -88,5 +88,6 @@ if _HAS_TRITON:
         else:
             weights = tok_mask.to(tl.float32)
         block_max = tl.max(s, axis=1)
+        block_max = tl.where(block_max == float("-inf"), 0.0, block_max)  # a block a tree row hides entirely
         total = tl.sum(tl.exp(s - block_max[:, None]) * weights[None, :], axis=1)
         tl.store(out_ptrs, block_max + tl.log(total), mask=g_mask)

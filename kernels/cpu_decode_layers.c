@@ -42,6 +42,7 @@ typedef struct {
     const int64_t *slots;        /* [T] block_id * S + offset */
     const int32_t *block_tables; /* [T, M] */
     const int32_t *seq_lens;     /* [T] */
+    const int64_t *tail_masks;   /* [T] or NULL: a draft tree's rows (kernels/tree_mask.py) */
     /* the caller's scratch rows */
     float *normed;  /* [T, E] */
     float *qkv;     /* [T, Q] */
@@ -73,7 +74,7 @@ int decode_layers(float *hidden, const DecodeLayer *layers, int64_t num_layers, 
                           layer->key_pages, layer->value_pages, step->num_slots, step->half);
         if (status) return fail | status;
         status = paged_decode(step->qkv, Q, layer->key_pages, layer->value_pages, step->block_tables,
-                              step->seq_lens, step->attn, step->num_slots / step->S, T, H, Hkv, D, step->S, step->M,
+                              step->seq_lens, step->tail_masks, step->attn, step->num_slots / step->S, T, H, Hkv, D, step->S, step->M,
                               step->scale, step->half, threads);
         if (status) return fail | status;
         if ((status = linear(&layer->o, step->attn, step->proj, T, threads))) return fail | status;

@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 int paged_decode(const float *q, int64_t q_stride, const void *k, const void *v, const int32_t *block_tables,
-                 const int32_t *seq_lens, float *out, int64_t N, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                 const int32_t *seq_lens, const int64_t *tail_masks, float *out, int64_t N, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                  int64_t S, int64_t M, float scale, int half, int64_t num_threads);
 
 int kv_write(const float *key, const float *value, int64_t key_stride, int64_t value_stride, const int64_t *slots,

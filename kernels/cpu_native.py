@@ -105,7 +105,7 @@ def native_kernels() -> ctypes.CDLL | None:
         log.warning("loading native CPU kernels failed (torch paths are used): %s", exc)
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.paged_decode.argtypes = [pointer, i64] + [pointer] * 5 + [i64] * 7 + [ctypes.c_float, ctypes.c_int, i64]
+    library.paged_decode.argtypes = [pointer, i64] + [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int, i64]
     library.paged_decode.restype = ctypes.c_int
     library.kv_write.argtypes = [pointer] * 2 + [i64] * 2 + [pointer] + [i64] * 2 + [pointer] * 2 + [i64, ctypes.c_int]
     library.kv_write.restype = ctypes.c_int
@@ -128,14 +128,14 @@ def native_kernels() -> ctypes.CDLL | None:
 
 
 def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
-                                  ) -> torch.Tensor | None:
+                                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                  tail_masks: torch.Tensor | None = None) -> torch.Tensor | None:
     """[B, H, D] float32 over pages read in place (fp32, or fp16 pages widened in registers), or None when it does
     not apply (not CPU, a float32 query over fp32/fp16 pages, contiguous pages; no library; the kernel could not
     allocate, or this CPU has no fp16 conversion): the caller then takes its torch path.
 
     The caller has checked shapes agree (kernels/paged_attention.py); seq_lens must be >= 1 and index only the
-    sequence's own blocks, as everywhere in the engine.
+    sequence's own blocks, as everywhere in the engine. ``tail_masks`` [B] int64: tree rows (kernels/tree_mask.py).
     """
     library = native_kernels()
     if library is None or any(t.device.type != "cpu" for t in (query, key_cache, value_cache)):
@@ -146,6 +146,10 @@ def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, 
         return None
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         return None
+    if tail_masks is not None:
+        if tail_masks.dtype != torch.int64 or tail_masks.device.type != "cpu":
+            return None
+        tail_masks = tail_masks.contiguous()
     B, H, D = query.shape
     N, S, Hkv, _ = key_cache.shape
     M = block_tables.shape[1]
@@ -156,7 +160,7 @@ def native_paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, 
     out = torch.empty(B, H, D, dtype=torch.float32)
     status = library.paged_decode(
         query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),
-        seq_lens.data_ptr(), out.data_ptr(), N, B, H, Hkv, D, S, M, scale, int(key_cache.dtype == torch.float16),
+        seq_lens.data_ptr(), tail_masks.data_ptr() if tail_masks is not None else None, out.data_ptr(), N, B, H, Hkv, D, S, M, scale, int(key_cache.dtype == torch.float16),
         torch.get_num_threads())
     # The kernel checks the tables before reading through them; what the torch paths refuse is refused here too.
     if status & STATUS_BAD_LENGTH:

@@ -3,7 +3,8 @@
  * B=decode sequences, H=query heads, Hkv=KV heads, G=H/Hkv, D=head dim, N=blocks, S=block size, M=max blocks
  *
  * q [B, H, D] float32 (rows q_stride floats apart: a view into the fused qkv projection needs no copy), k/v pages [N, S, Hkv, D] (contiguous; float32, or float16 where the target converts it in
- * hardware), block_tables [B, M] int32, seq_lens [B] int32, out [B, H, D] float32. Token t of sequence b lives at
+ * hardware), block_tables [B, M] int32, seq_lens [B] int32, tail_masks [B] int64 or NULL (a draft tree's rows:
+ * bit i clear hides token seq_lens[b] - 1 - i; kernels/tree_mask.py), out [B, H, D] float32. Token t of sequence b lives at
  * pages[block_tables[b, t / S], t % S]. The math is float32 whatever the pages hold. The torch twin is
  * reference_paged_decode_attention in kernels/paged_attention.py; kernels/cpu_native.py builds and calls this.
  *
@@ -36,6 +37,7 @@ typedef struct {
     int64_t q_stride;  /* floats between two sequences' query rows */
     const void *k, *v; /* float or uint16_t (fp16) elements */
     const int32_t *block_tables, *seq_lens;
+    const int64_t *tail_masks; /* NULL: every row sees all of its seq_lens tokens */
     float *out;
     int64_t N, B, H, Hkv, D, S, M;
     float scale;
@@ -70,8 +72,9 @@ static inline __attribute__((always_inline)) void prefetch_rows(const void *page
  * the call sites for the common shapes, so queries and accumulators live in registers; every sum has a fixed
  * order. `scores` holds GC rows of `padded` floats. */
 static inline __attribute__((always_inline)) void attend(const int D, const int GC, const int HALF, const Job *job,
-                                                         const int32_t *table, int64_t len, int64_t h,
-                                                         const float *q, float *scores, int64_t padded, float *out) {
+                                                         const int32_t *table, int64_t len, int64_t tail_mask,
+                                                         int64_t h, const float *q, float *scores, int64_t padded,
+                                                         float *out) {
     const int64_t S = job->S, row = job->Hkv * D, nv = D / VEC, tail = D % VEC; /* row: elements per page row */
     fvec query[MAX_GROUP][MAX_HEAD_DIM / VEC], acc[MAX_GROUP][MAX_HEAD_DIM / VEC];
     float query_tail[MAX_GROUP][VEC], acc_tail[MAX_GROUP][VEC];
@@ -108,6 +111,9 @@ static inline __attribute__((always_inline)) void attend(const int D, const int 
     for (int g = 0; g < GC; g++) {
         float *head_scores = scores + g * padded;
         for (int64_t t = len; t < padded; t++) head_scores[t] = -INFINITY; /* exp() of these is exactly 0 */
+        if (tail_mask != -1) /* a tree row: its cousins among the last 64 tokens are hidden (bit 0, itself, is set) */
+            for (int64_t i = 0; i < 64 && i < len; i++)
+                if (!((tail_mask >> i) & 1)) head_scores[len - 1 - i] = -INFINITY;
         fvec max_lanes = splat(-INFINITY);
         for (int64_t t = 0; t < padded; t += VEC) {
             const fvec x = loadv(head_scores + t);
@@ -153,10 +159,10 @@ static inline __attribute__((always_inline)) void attend(const int D, const int 
  * of 128 (one a pass on every target: 8+ vectors each). Other shapes take the generic body, D read at run time,
  * one head at a time. Only these instances are built: each costs compile time (24 took 8 s to compile, these 10
  * take 2.5 s). */
-#define ATTEND(DIM, GC, HALF) attend(DIM, GC, HALF, job, table, len, h, q, scores, padded, out)
+#define ATTEND(DIM, GC, HALF) attend(DIM, GC, HALF, job, table, len, tail_mask, h, q, scores, padded, out)
 
-static void attend_group(const Job *job, int64_t group_size, const int32_t *table, int64_t len, int64_t h,
-                         const float *q, float *scores, int64_t padded, float *out) {
+static void attend_group(const Job *job, int64_t group_size, const int32_t *table, int64_t len, int64_t tail_mask,
+                         int64_t h, const float *q, float *scores, int64_t padded, float *out) {
     const int D = (int)job->D, half = job->half;
     if (D == 64 && group_size == 1) { if (half) ATTEND(64, 1, 1); else ATTEND(64, 1, 0); }
     else if (D == 64 && group_size == 2) { if (half) ATTEND(64, 2, 1); else ATTEND(64, 2, 0); }
@@ -180,6 +186,7 @@ static void run_item(Job *job, int64_t item, float **scores, int64_t *capacity) 
     const int64_t passes = (G + fit - 1) / fit;
     const int64_t b = item / items_per_seq, h0 = (item % items_per_seq) * hp; /* first KV head */
     const int64_t len = job->seq_lens[b];
+    const int64_t tail_mask = job->tail_masks ? job->tail_masks[b] : -1;
     const int32_t *table = job->block_tables + b * job->M;
     if (len > job->M * S) { job->status |= STATUS_BAD_LENGTH; return; } /* more blocks than the table has */
     for (int64_t j = 0; j < (len + S - 1) / S; j++) {
@@ -197,7 +204,7 @@ static void run_item(Job *job, int64_t item, float **scores, int64_t *capacity) 
         for (int64_t pass = 0; pass < passes; pass++) {
             const int64_t g0 = G * pass / passes, g1 = G * (pass + 1) / passes;
             const int64_t head = (h * G + g0) * D;
-            attend_group(job, g1 - g0, table, len, h, job->q + b * job->q_stride + head, *scores, padded,
+            attend_group(job, g1 - g0, table, len, tail_mask, h, job->q + b * job->q_stride + head, *scores, padded,
                          job->out + b * job->H * D + head);
         }
     }
@@ -206,7 +213,7 @@ static void run_item(Job *job, int64_t item, float **scores, int64_t *capacity) 
 /* Returns 0 on success, else STATUS_* bits: no memory or unsupported (the caller falls back to torch), a block id
  * outside the pool or a length past the table (the caller raises). `half`: the pages hold fp16. */
 int paged_decode(const float *q, int64_t q_stride, const void *k, const void *v, const int32_t *block_tables,
-                 const int32_t *seq_lens, float *out, int64_t N, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                 const int32_t *seq_lens, const int64_t *tail_masks, float *out, int64_t N, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                  int64_t S, int64_t M, float scale, int half, int64_t num_threads) {
     if (D > MAX_HEAD_DIM || (half && !HAVE_HALF)) return STATUS_UNSUPPORTED;
     int64_t work = 0; /* multiply-adds of the score pass; the value pass does as many */
@@ -225,7 +232,7 @@ int paged_decode(const float *q, int64_t q_stride, const void *k, const void *v,
      * slower than the other. An item's result does not depend on which thread computes it. */
 #pragma omp parallel num_threads(num_threads) reduction(| : status)
     {
-        Job job = {q, q_stride, k, v, block_tables, seq_lens, out, N, B, H, Hkv, D, S, M, scale, half,
+        Job job = {q, q_stride, k, v, block_tables, seq_lens, tail_masks, out, N, B, H, Hkv, D, S, M, scale, half,
                    heads_per_item, 0};
         float *scores = NULL; /* [group size][len rounded up to VEC], this thread's */
         int64_t capacity = 0;

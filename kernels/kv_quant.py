@@ -34,9 +34,9 @@ def kv_encode(x, transform, center, layout, qjl_projection=None):
 
 def quant_paged_decode_attention(query, key_codes, key_scales, key_layout, value_codes, value_scales, value_layout,
                                  block_tables, seq_lens, scale, *, token_weights=None, with_block_mass=False,
-                                 qjl=None):
+                                 qjl=None, tail_masks=None):
     attend = triton_quant_paged_decode_attention if query.is_cuda and _HAS_TRITON \
         else reference_quant_paged_decode_attention
     return attend(query, key_codes, key_scales, key_layout, value_codes, value_scales, value_layout,
                   block_tables, seq_lens, scale, token_weights=token_weights, with_block_mass=with_block_mass,
-                  qjl=qjl)
+                  qjl=qjl, tail_masks=tail_masks)

@@ -14,6 +14,7 @@ import torch
 from kernels.block_mass import block_mass_from_probs, gather_token_weights
 from kernels.kv_quant_layout import CodeLayout
 from kernels.qjl import QJLResidual, reference_qjl_encode, unpack_signs
+from kernels.tree_mask import visible_tokens
 
 # Decode chunks of about this many elements on the CPU path (same reasoning as paged_attention).
 _CPU_CHUNK_ELEMS = 4 * 1024 * 1024
@@ -115,6 +116,7 @@ def reference_quant_paged_decode_attention(
     token_weights: torch.Tensor | None = None,  # [N, S, Hkv] float32
     with_block_mass: bool = False,
     qjl: QJLResidual | None = None,
+    tail_masks: torch.Tensor | None = None,  # [B] int64: tree rows (kernels/tree_mask.py)
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """-> [B, H, D] float32 in the transformed value space. Decodes blocks chunk by chunk (never the whole cache).
 
@@ -132,7 +134,7 @@ def reference_quant_paged_decode_attention(
     chunk_blocks = max(1, min(num_blocks, _CPU_CHUNK_ELEMS // (B * S * Hkv * D)))
     table = block_tables[:, :num_blocks].long()
     q = (query.float() * scale).view(B, Hkv, G, D)
-    invalid = torch.arange(L, device=query.device)[None, :] >= seq_lens[:, None].long()  # [B, L]
+    invalid = ~visible_tokens(seq_lens, tail_masks, L)  # [B, L]
     sketch = None if qjl is None else (qjl.query.float() * scale).view(B, Hkv, G, D)
 
     def decoded(codes, scales, layout, c0, c1) -> torch.Tensor:

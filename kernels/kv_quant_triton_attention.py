@@ -14,6 +14,7 @@ from kernels.block_mass import block_mass_from_lse, mass_buffers
 from kernels.kv_quant_layout import CodeLayout, check_layout, layout_tensors
 from kernels.qjl import QJLResidual, qjl_num_bytes
 from kernels.triton_support import HAS_TRITON as _HAS_TRITON, tl, triton
+from kernels.tree_mask import check_tail_masks
 
 if _HAS_TRITON:
     from kernels.block_mass import store_block_log_mass
@@ -57,7 +58,7 @@ if _HAS_TRITON:
         q_ptr,
         k_codes_ptr, k_scales_ptr, k_bits_ptr, k_bitpos_ptr, k_group_ptr, k_codebook_ptr,
         v_codes_ptr, v_scales_ptr, v_bits_ptr, v_bitpos_ptr, v_group_ptr, v_codebook_ptr,
-        bt_ptr, sl_ptr, out_ptr,
+        bt_ptr, sl_ptr, tm_ptr, out_ptr,
         w_ptr, block_lse_ptr, lse_ptr,
         z_ptr, gamma_ptr, sketch_ptr,
         scale,
@@ -76,7 +77,7 @@ if _HAS_TRITON:
         stride_pb, stride_ph,
         G: tl.constexpr, D: tl.constexpr, K_NUM_BYTES: tl.constexpr, V_NUM_BYTES: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-        WITH_MASS: tl.constexpr, WITH_WEIGHTS: tl.constexpr, WITH_QJL: tl.constexpr,
+        WITH_MASS: tl.constexpr, WITH_WEIGHTS: tl.constexpr, WITH_QJL: tl.constexpr, HAS_TAIL: tl.constexpr,
     ):
         # Same schedule as _paged_decode_kernel: one program per (sequence, KV head) serving its G query
         # heads, so each block's codes are read and decoded once for the whole group.
@@ -110,16 +111,22 @@ if _HAS_TRITON:
             v_bits_ptr, v_bitpos_ptr, v_group_ptr, kvh, offs_d, d_mask, D, V_NUM_BYTES, stride_v_codebook, stride_vsg)
 
         seq_len = tl.load(sl_ptr + seq)
+        if HAS_TAIL:
+            tail_mask = tl.load(tm_ptr + seq)  # int64: bit i = token seq_len - 1 - i is visible (tree_mask.py)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of scores
         l_i = tl.zeros([BLOCK_G], tl.float32)  # running softmax denominator
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running probs @ V
 
         # Only the sequence's own blocks are visited, so block_tables padding is never read.
-        # Each visited block holds >= 1 valid token, so m_i is finite after the first one.
+        # A tree row may hide every token of a block (m_safe below); its own token is always visible.
         for j in range(0, tl.cdiv(seq_len, BLOCK_S)):
             # int64: block * stride overflows int32 for pools over 2^31 bytes.
             block = tl.load(bt_ptr + seq * stride_btb + j).to(tl.int64)
             tok_mask = j * BLOCK_S + offs_s < seq_len
+            if HAS_TAIL:  # a tree row: hide the cousins among its last 64 tokens
+                back = (seq_len - 1 - (j * BLOCK_S + offs_s)).to(tl.int64)
+                bit = (tail_mask >> tl.minimum(tl.maximum(back, 0), 63)) & 1
+                tok_mask = tok_mask & ((back >= 64) | (bit == 1))
             k_hat = _decode_tile(
                 k_codes_ptr, k_scales_ptr,
                 block * stride_kcn + offs_s * stride_kcs + kvh * stride_kch,
@@ -149,8 +156,10 @@ if _HAS_TRITON:
                                      block_lse_ptr + seq * stride_mb + heads * stride_mh + j, g_mask, WITH_WEIGHTS)
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)  # rescales what was accumulated under the old max
-            p = tl.exp(s - m_new[:, None])
+            # A tree row can hide whole blocks, so the max may still be -inf: shift by 0 then (every p is 0).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)  # rescales what was accumulated under the old max
+            p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v_hat[None, :, :], axis=1)
             m_i = m_new
@@ -180,6 +189,7 @@ def triton_quant_paged_decode_attention(
     token_weights: torch.Tensor | None = None,  # [N, S, Hkv] float32
     with_block_mass: bool = False,
     qjl: QJLResidual | None = None,
+    tail_masks: torch.Tensor | None = None,  # [B] int64: tree rows (kernels/tree_mask.py)
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``reference_quant_paged_decode_attention`` -> [B, H, D] float32 (transformed value space).
 
@@ -213,6 +223,7 @@ def triton_quant_paged_decode_attention(
     )
     assert block_tables.dtype == torch.int32, f"block_tables must be int32, got {block_tables.dtype}"
     assert seq_lens.shape == (B,) and seq_lens.dtype == torch.int32, "seq_lens must be [B] int32"
+    check_tail_masks(tail_masks, B, query.device)
     # Copying the small query/tables is cheap, copying the pool is not: codes must already be byte-contiguous.
     assert key_codes.stride(-1) == 1 and value_codes.stride(-1) == 1, "key/value codes must be contiguous along NB"
     G = H // Hkv
@@ -238,7 +249,7 @@ def triton_quant_paged_decode_attention(
         query,
         key_codes, key_scales, k_bits, k_bitpos, k_group, k_codebook,
         value_codes, value_scales, v_bits, v_bitpos, v_group, v_codebook,
-        block_tables, seq_lens, out,
+        block_tables, seq_lens, tail_masks.contiguous() if tail_masks is not None else seq_lens, out,
         weights, block_lse, lse,
         *((qjl.signs, qjl.norms, qjl.query) if qjl is not None else (key_codes, key_scales, query)),  # unused: any
         float(scale),
@@ -258,6 +269,6 @@ def triton_quant_paged_decode_attention(
         G=G, D=D, K_NUM_BYTES=key_layout.num_bytes, V_NUM_BYTES=value_layout.num_bytes,
         BLOCK_G=triton.next_power_of_2(G), BLOCK_S=S, BLOCK_D=triton.next_power_of_2(D),
         WITH_MASS=with_block_mass, WITH_WEIGHTS=with_block_mass and token_weights is not None,
-        WITH_QJL=qjl is not None,
+        WITH_QJL=qjl is not None, HAS_TAIL=tail_masks is not None,
     )
     return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out

@@ -4,7 +4,8 @@
 
 One query token per sequence attends to its ``seq_lens[b]`` cached tokens, which live in
 fixed-size blocks of a shared pool: token ``t`` of sequence ``b`` is at
-``cache[block_tables[b, t // S], t % S]``.
+``cache[block_tables[b, t // S], t % S]``. With ``tail_masks`` [B] int64 a row also hides some of its last 64
+tokens: a draft tree's rows see their ancestors only (kernels/tree_mask.py).
 
 * ``reference_paged_decode_attention`` - plain torch: the spec; on the CPU the path for block mass, or without C.
 * ``triton_paged_decode_attention``   - Triton kernel (GPU, or CPU under TRITON_INTERPRET=1).
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from kernels.block_mass import block_mass_from_lse, block_mass_from_probs, gather_token_weights, mass_buffers
 from kernels.cpu_native import native_paged_decode_attention
+from kernels.tree_mask import check_tail_masks, visible_tokens
 from kernels.triton_support import HAS_TRITON as _HAS_TRITON, tl, triton
 
 if _HAS_TRITON:
@@ -80,6 +82,7 @@ def reference_paged_decode_attention(
     chunk_blocks: int | None = None,
     token_weights: torch.Tensor | None = None,
     with_block_mass: bool = False,
+    tail_masks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch paged decode attention; fp32 math, output in query's dtype.
 
@@ -111,7 +114,7 @@ def reference_paged_decode_attention(
 
     device = query.device
     table = block_tables[:, :n_blocks].long()
-    invalid = torch.arange(L, device=device)[None, :] >= seq_lens[:, None].long()  # [B, L]
+    invalid = ~visible_tokens(seq_lens, tail_masks, L)  # [B, L]
     # Scale folded into q: B*H*D multiplies instead of B*H*L.
     q = (query.float() * scale).view(B, Hkv, G, D)
     # Pool viewed as rows of one block each (a free view of a contiguous pool), so a gather
@@ -146,8 +149,10 @@ def reference_paged_decode_attention(
         c1 = min(c0 + chunk_blocks, n_blocks)
         v = gather(v_rows, c0, c1)
         # probs are exactly 0 past seq_len, but 0 * NaN = NaN: zero those V rows too, in case
-        # the pool holds uninitialised memory. Only the (few) invalid rows are touched.
-        bad_rows = invalid[:, c0 * S : c1 * S].reshape(-1).nonzero().squeeze(1)
+        # the pool holds uninitialised memory. Only the (few) rows past seq_len are touched (a tree's hidden
+        # cousins are written, finite K/V).
+        past_end = torch.arange(c0 * S, c1 * S, device=device)[None, :] >= seq_lens[:, None].long()
+        bad_rows = past_end.reshape(-1).nonzero().squeeze(1)
         v.view(-1, Hkv * D).index_fill_(0, bad_rows, 0.0)
         for h in range(Hkv):
             out[h].baddbmm_(probs[h, :, :, c0 * S : c1 * S], v[:, :, h])
@@ -170,6 +175,7 @@ def sdpa_paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    tail_masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather whole pages, then one torch SDPA call with a length mask (small-batch CPU fast path)."""
     B, H, D = query.shape
@@ -180,7 +186,7 @@ def sdpa_paged_decode_attention(
     # [B, Hkv, L, D] (a view of the gather: no second copy); lower-precision pages widen to the query's dtype
     key = key_cache[table].to(query.dtype).view(B, L, Hkv, D).transpose(1, 2)
     value = value_cache[table].to(query.dtype).view(B, L, Hkv, D).transpose(1, 2)
-    mask = (torch.arange(L, device=query.device) < seq_lens[:, None]).view(B, 1, 1, L)
+    mask = visible_tokens(seq_lens, tail_masks, L).view(B, 1, 1, L)
     out = F.scaled_dot_product_attention(query.unsqueeze(2), key, value, attn_mask=mask, scale=scale,
                                          enable_gqa=True)  # [B, H, 1, D]
     return out.view(B, H, D)
@@ -190,7 +196,7 @@ if _HAS_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, tm_ptr, out_ptr,
         w_ptr, block_lse_ptr, lse_ptr,
         scale,
         stride_qb, stride_qh,
@@ -202,7 +208,7 @@ if _HAS_TRITON:
         stride_mb, stride_mh, stride_lb,
         G: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-        WITH_MASS: tl.constexpr, WITH_WEIGHTS: tl.constexpr,
+        WITH_MASS: tl.constexpr, WITH_WEIGHTS: tl.constexpr, HAS_TAIL: tl.constexpr,
     ):
         # One program per (sequence, KV head), handling that head's G query heads together:
         # decode is bound by reading K/V, and this way each K/V tile is loaded once for all
@@ -225,17 +231,23 @@ if _HAS_TRITON:
         q = q * scale  # padded rows/cols are 0, so their scores are finite (0), never NaN
 
         seq_len = tl.load(sl_ptr + seq)
+        if HAS_TAIL:
+            tail_mask = tl.load(tm_ptr + seq)  # int64: bit i = token seq_len - 1 - i is visible (tree_mask.py)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of scores
         l_i = tl.zeros([BLOCK_G], tl.float32)  # running softmax denominator
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running probs @ V
 
         # Only the sequence's own blocks are visited, so block_tables padding is never read.
-        # Each visited block holds >= 1 valid token, so m_i is finite after the first one.
+        # A tree row may hide every token of a block (m_safe below); its own token is always visible.
         for j in range(0, tl.cdiv(seq_len, BLOCK_S)):
             # int64: block * stride_kn overflows int32 for pools over 2^31 elements.
             block = tl.load(bt_ptr + seq * stride_btb + j).to(tl.int64)
             tok_mask = j * BLOCK_S + offs_s < seq_len
             kv_mask = tok_mask[:, None] & d_mask[None, :]
+            if HAS_TAIL:  # a tree row: hide the cousins among its last 64 tokens (their K/V is written, finite)
+                back = (seq_len - 1 - (j * BLOCK_S + offs_s)).to(tl.int64)
+                bit = (tail_mask >> tl.minimum(tl.maximum(back, 0), 63)) & 1
+                tok_mask = tok_mask & ((back >= 64) | (bit == 1))
             # other=0.0 also keeps NaN garbage of the last block's unused slots out of the math.
             k = tl.load(
                 k_ptr + block * stride_kn + offs_s[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
@@ -257,8 +269,10 @@ if _HAS_TRITON:
                                      block_lse_ptr + seq * stride_mb + heads * stride_mh + j, g_mask, WITH_WEIGHTS)
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)  # rescales what was accumulated under the old max
-            p = tl.exp(s - m_new[:, None])
+            # A tree row can hide whole blocks, so the max may still be -inf: shift by 0 then (every p is 0).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)  # rescales what was accumulated under the old max
+            p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m_i = m_new
@@ -283,15 +297,17 @@ def triton_paged_decode_attention(
     *,
     token_weights: torch.Tensor | None = None,
     with_block_mass: bool = False,
+    tail_masks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton paged decode attention (needs CUDA, or TRITON_INTERPRET=1 for CPU tensors).
 
-    ``token_weights`` / ``with_block_mass`` as in ``reference_paged_decode_attention``.
+    ``token_weights`` / ``with_block_mass`` / ``tail_masks`` as in ``reference_paged_decode_attention``.
     """
     if not _HAS_TRITON:
         raise RuntimeError("triton_paged_decode_attention: triton is not installed; use reference_paged_decode_attention")
     # A bad shape here is an out-of-bounds read on the GPU, not an exception: check first.
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens)
+    check_tail_masks(tail_masks, query.shape[0], query.device)
     B, H, D = query.shape
     _, S, Hkv, _ = key_cache.shape
     G = H // Hkv
@@ -308,7 +324,8 @@ def triton_paged_decode_attention(
     if B == 0:
         return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
     _paged_decode_kernel[(B, Hkv)](
-        query, key_cache, value_cache, block_tables, seq_lens, out,
+        query, key_cache, value_cache, block_tables, seq_lens,
+        tail_masks.contiguous() if tail_masks is not None else seq_lens, out,
         weights, block_lse, lse,
         float(scale),
         query.stride(0), query.stride(1),
@@ -321,9 +338,9 @@ def triton_paged_decode_attention(
         G=G, D=D,
         BLOCK_G=triton.next_power_of_2(G), BLOCK_S=S, BLOCK_D=triton.next_power_of_2(D),
         WITH_MASS=with_block_mass, WITH_WEIGHTS=with_block_mass and token_weights is not None,
+        HAS_TAIL=tail_masks is not None,
     )
     return (out, block_mass_from_lse(block_lse, lse, Hkv)) if with_block_mass else out
-
 
 
 def paged_decode_attention(
@@ -336,26 +353,30 @@ def paged_decode_attention(
     *,
     token_weights: torch.Tensor | None = None,
     with_block_mass: bool = False,
+    tail_masks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Paged decode attention: Triton kernel on CUDA when available, torch reference otherwise.
 
-    With ``with_block_mass`` returns (out, block mass [B, Hkv, M]); see kernels/block_mass.py.
+    With ``with_block_mass`` returns (out, block mass [B, Hkv, M]); see kernels/block_mass.py. ``tail_masks``
+    [B] int64: tree rows (kernels/tree_mask.py).
     """
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens)
+    check_tail_masks(tail_masks, query.shape[0], query.device)
+    masks = {"tail_masks": tail_masks} if tail_masks is not None else {}  # old callers never see the kwarg
     if query.is_cuda and key_cache.dtype != query.dtype:
         query = query.to(key_cache.dtype)  # the Triton kernel reads one dtype; the output returns to fp32 below
         out = paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                     token_weights=token_weights, with_block_mass=with_block_mass)
+                                     token_weights=token_weights, with_block_mass=with_block_mass, **masks)
         return (out[0].float(), out[1]) if with_block_mass else out.float()
     if query.is_cuda and _HAS_TRITON:
         return triton_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                             token_weights=token_weights, with_block_mass=with_block_mass)
+                                             token_weights=token_weights, with_block_mass=with_block_mass, **masks)
     if not with_block_mass and query.device.type == "cpu":
-        out = native_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
+        out = native_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, **masks)
         if out is not None:
             return out
     # SDPA never exposes its probabilities, so a call that wants the block mass takes the reference.
     if not with_block_mass and query.shape[0] * block_tables.shape[1] * key_cache.shape[1] <= SDPA_MAX_GATHERED_TOKENS:
-        return sdpa_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
+        return sdpa_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, **masks)
     return reference_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                            token_weights=token_weights, with_block_mass=with_block_mass)
+                                            token_weights=token_weights, with_block_mass=with_block_mass, **masks)

@@ -52,6 +52,8 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None  # [Bd] int32, including the token decoded this step
     prefills: tuple[PrefillChunk, ...]
     probe: AttentionProbe | None = None  # a step hook's view of the attention (eviction scores), or None
+    # [Bd] int64 or None: rows of a draft tree hide their cousins among their last 64 tokens (kernels/tree_mask.py)
+    decode_tail_masks: torch.Tensor | None = None
 
 
 def paged_attention(
@@ -71,12 +73,13 @@ def paged_attention(
     num_decode = meta.num_decode_tokens
     if num_decode:
         args = (query[:num_decode], pages, meta.decode_block_tables, meta.decode_seq_lens, scale)
+        tails = {"tail_masks": meta.decode_tail_masks} if meta.decode_tail_masks is not None else {}
         if probe is not None and probe.collect_decode:
             out[:num_decode], mass = codec.decode_attention(
-                *args, token_weights=probe.decode_weights(pages.layer), with_block_mass=True)
+                *args, token_weights=probe.decode_weights(pages.layer), with_block_mass=True, **tails)
             probe.add_decode(mass)
         else:
-            out[:num_decode] = codec.decode_attention(*args)
+            out[:num_decode] = codec.decode_attention(*args, **tails)
     for chunk in meta.prefills:
         end = chunk.query_start + chunk.query_len
         chunk_query = query[chunk.query_start:end]

@@ -60,8 +60,10 @@ class KVCodec(ABC):
     @abstractmethod
     def decode_attention(self, query: torch.Tensor, pages: LayerPages, block_tables: torch.Tensor,
                          seq_lens: torch.Tensor, scale: float, *, token_weights: torch.Tensor | None = None,
-                         with_block_mass: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """query [Bd, H, D] -> [Bd, H, D] over each sequence's first seq_lens[b] cached tokens.
+                         with_block_mass: bool = False, tail_masks: torch.Tensor | None = None
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """query [Bd, H, D] -> [Bd, H, D] over each sequence's first seq_lens[b] cached tokens (less the ones a
+        draft tree's row hides: tail_masks [Bd] int64, kernels/tree_mask.py).
 
         With ``with_block_mass`` returns (out, per-block attention mass [Bd, Hkv, M]), each token's probability
         weighted by ``token_weights`` [N, S, Hkv] when given (kernels/block_mass.py).
@@ -102,7 +104,7 @@ class IdentityCodec(KVCodec):
         return pages["key"][block_ids].flatten(0, 1), pages["value"][block_ids].flatten(0, 1)
 
     def decode_attention(self, query, pages, block_tables, seq_lens, scale, *, token_weights=None,
-                         with_block_mass=False):
+                         with_block_mass=False, tail_masks=None):
         # An fp32 query attends over fp16/bf16 pages as it is: on the CPU the math is fp32 on every path (the
         # native kernel widens fp16 rows in registers: half the bytes of an fp32 cache to read); on CUDA the
         # dispatcher hands Triton the query in the pages' dtype.
@@ -110,7 +112,8 @@ class IdentityCodec(KVCodec):
         if model_dtype != torch.float32:
             query = query.to(self.dtype)
         result = paged_decode_attention(query, pages["key"], pages["value"], block_tables, seq_lens,
-                                        scale, token_weights=token_weights, with_block_mass=with_block_mass)
+                                        scale, token_weights=token_weights, with_block_mass=with_block_mass,
+                                        tail_masks=tail_masks)
         if with_block_mass:
             return result[0].to(model_dtype), result[1]
         return result.to(model_dtype)

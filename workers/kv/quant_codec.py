@@ -75,11 +75,12 @@ class QuantCodec(KVCodec):
         return decoded[0], decoded[1]
 
     def decode_attention(self, query, pages, block_tables, seq_lens, scale, *, token_weights=None,
-                         with_block_mass=False):
+                         with_block_mass=False, tail_masks=None):
         plan = self.plans[pages.layer]
         if plan is None:
             return self.fp16.decode_attention(query, pages, block_tables, seq_lens, scale,
-                                              token_weights=token_weights, with_block_mass=with_block_mass)
+                                              token_weights=token_weights, with_block_mass=with_block_mass,
+                                              tail_masks=tail_masks)
         key_plan, value_plan = plan
         num_seqs, num_heads, head_dim = query.shape
         grouped = query.float().view(num_seqs, self.num_kv_heads, num_heads // self.num_kv_heads, head_dim)
@@ -92,7 +93,7 @@ class QuantCodec(KVCodec):
         out = quant_paged_decode_attention(moved, pages["key_codes"], pages["key_scales"], key_plan.layout,
                                            pages["value_codes"], pages["value_scales"], value_plan.layout,
                                            block_tables, seq_lens, scale, token_weights=token_weights,
-                                           with_block_mass=with_block_mass, qjl=qjl)
+                                           with_block_mass=with_block_mass, qjl=qjl, tail_masks=tail_masks)
         mass = None
         if with_block_mass:
             out, mass = out

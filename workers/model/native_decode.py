@@ -42,7 +42,7 @@ class _DecodeStep(ctypes.Structure):
     _fields_ = [*((name, ctypes.c_int64) for name in ("T", "E", "H", "Hkv", "D", "I", "num_slots", "S", "M")),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("half", ctypes.c_int32),
                 ("num_threads", ctypes.c_int32),
-                *((name, ctypes.c_void_p) for name in ("cos", "sin", "slots", "block_tables", "seq_lens", "normed",
+                *((name, ctypes.c_void_p) for name in ("cos", "sin", "slots", "block_tables", "seq_lens", "tail_masks", "normed",
                                                        "qkv", "attn", "proj", "gate_up", "act"))]
 
 
@@ -129,6 +129,10 @@ class NativeDecodeLayers:
                 and meta.probe is None and meta.decode_block_tables is not None):
             return False
         tables, lens, slots = meta.decode_block_tables, meta.decode_seq_lens, meta.slot_mapping
+        tails = meta.decode_tail_masks
+        if tails is not None and not (tails.dtype == torch.int64 and tails.shape == (num_tokens,)
+                                      and tails.device.type == "cpu"):
+            return False
         return (tables.dtype == torch.int32 and lens.dtype == torch.int32 and slots.dtype == torch.int64
                 and tables.dim() == 2 and tables.shape[0] == num_tokens and lens.shape == (num_tokens,)
                 and slots.shape == (num_tokens,)
@@ -155,6 +159,7 @@ class NativeDecodeLayers:
         cos, sin = cos.contiguous(), sin.contiguous()
         block_tables = meta.decode_block_tables.contiguous()
         seq_lens = meta.decode_seq_lens.contiguous()
+        tail_masks = meta.decode_tail_masks.contiguous() if meta.decode_tail_masks is not None else None
         slots = meta.slot_mapping.contiguous()
         qkv_size = (num_heads + 2 * num_kv_heads) * head_dim
         widths = (hidden_size, qkv_size, num_heads * head_dim, hidden_size, 2 * intermediate, intermediate)
@@ -165,6 +170,7 @@ class NativeDecodeLayers:
             num_tokens, hidden_size, num_heads, num_kv_heads, head_dim, intermediate, self.num_slots,
             self.block_size, block_tables.shape[1], self.eps, self.scale, self.half, torch.get_num_threads(),
             cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+            tail_masks.data_ptr() if tail_masks is not None else None,
             *(buffer.data_ptr() for buffer in scratch))
         # Captured layers split the call: run the layers before each, copy the stream, go on.
         captured = {}

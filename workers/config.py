@@ -56,6 +56,10 @@ class SpeculativeConfig(BaseModel):
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="drafts per step at most, per request")
     ngram_max: int = Field(4, ge=1, description="ngram: the longest suffix looked up in the context")
     ngram_min: int = Field(2, ge=1, description="ngram: the shortest suffix that may propose")
+    tree_width: int = Field(1, ge=1, le=8, description="alternatives per draft position: 1 = a chain; more = a "
+                                                       "token tree verified in the same pass (ngram: that many "
+                                                       "earlier matches merged; num_speculative_tokens is the "
+                                                       "tree's node budget)")
     policy: Literal["cost", "fixed"] = Field(
         "cost", description="how many drafts: cost = each request's acceptance rate against the step cost fitted "
                             "online (drafts only while they raise tokens per second); fixed = always "
@@ -71,6 +75,8 @@ class SpeculativeConfig(BaseModel):
             raise ValueError(f"speculative: ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})")
         if self.method == "draft_model" and not self.draft_model:
             raise ValueError("speculative: method draft_model needs draft_model (a model path or name)")
+        if self.tree_width > 1 and self.method != "ngram":
+            raise ValueError(f"speculative: tree_width > 1 is built for ngram; {self.method} drafts a chain")
         return self
 
 

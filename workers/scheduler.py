@@ -78,7 +78,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(schedule_record(seq, num_new, seq.draft_token_ids[:num_drafts]))
+                scheduled.append(schedule_record(seq, num_new, seq.draft_token_ids[:num_drafts],
+                                                 seq.draft_parents[:num_drafts]))
                 budget -= num_new + num_drafts
                 index += 1
         if preempted:
@@ -171,7 +172,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
-        seq.draft_token_ids = ()
+        seq.draft_token_ids, seq.draft_parents = (), ()
         seq.num_computed_tokens = 0
         seq.prefill_done = False
         seq.num_preemptions += 1
@@ -215,9 +216,11 @@ def _merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
                                new_text=first.new_text + then.new_text, logprobs=first.logprobs + then.logprobs)
 
 
-def schedule_record(seq: Sequence, num_new_tokens: int, draft_token_ids: tuple[int, ...] = ()) -> ScheduledRequest:
+def schedule_record(seq: Sequence, num_new_tokens: int, draft_token_ids: tuple[int, ...] = (),
+                    draft_parents: tuple[int, ...] = ()) -> ScheduledRequest:
     """A scheduled sequence as the plain record the runner reads (after its slots were allocated); a draft model's
-    mirrors are scheduled by the same rule (workers/spec/draft_model.py)."""
+    mirrors are scheduled by the same rule (workers/spec/draft_model.py). A tree cut short keeps its first drafts:
+    they are in topological order, so they are still a tree."""
     start = seq.num_computed_tokens
     if num_new_tokens == 1:  # a decode: index the token, don't build the whole token list
         num_prompt = seq.num_prompt_tokens
@@ -228,7 +231,7 @@ def schedule_record(seq: Sequence, num_new_tokens: int, draft_token_ids: tuple[i
         request_id=seq.request_id, token_ids=token_ids, start_position=start, block_table=tuple(seq.block_table),
         num_evicted_tokens=seq.num_evicted_tokens, num_known_tokens=seq.num_tokens, in_prefill=not seq.prefill_done,
         params=seq.params, generator=seq.generator, forced_token_id=seq.forced_next_token,
-        draft_token_ids=draft_token_ids,
+        draft_token_ids=draft_token_ids, draft_parents=draft_parents,
         draft_probs=seq.draft_probs[:len(draft_token_ids)] if draft_token_ids and seq.draft_probs is not None else None)
 
 

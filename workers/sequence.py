@@ -58,6 +58,7 @@ class Sequence:
     # budget allows), with q per draft when the drafter sampled them ([k, V]; None = point masses).
     draft_token_ids: tuple[int, ...] = ()
     draft_probs: torch.Tensor | None = None
+    draft_parents: tuple[int, ...] = ()  # a draft tree's parents (workers/spec/tree.py); () for a chain
     num_draft_tokens: int = 0  # drafts verified so far (lifetime; the acceptance statistics)
     num_accepted_tokens: int = 0
 

@@ -48,6 +48,8 @@ class ScheduledRequest:
     # [k, V] the drafter's probabilities for each draft token, when it sampled them (None: the drafts are point
     # masses, e.g. n-gram lookups or greedy drafts). Rejection sampling needs them for temperature > 0.
     draft_probs: torch.Tensor | None = None
+    # A draft tree's parent per draft (workers/spec/tree.py: -1 = the known token); () for a chain.
+    draft_parents: tuple[int, ...] = ()
 
     @property
     def num_new_tokens(self) -> int:

@@ -33,6 +33,9 @@ class PromptFeatures:
 class Draft:
     token_ids: tuple[int, ...]  # 0 ... num_draft_tokens proposed tokens
     probs: torch.Tensor | None = None  # [k, V] the distribution each was drawn from; None: chosen, not drawn
+    # A tree: each draft's parent (workers/spec/tree.py; -1 = the request's last token, drafts in topological
+    # order); () for a chain. Tree drafts are point masses (probs None).
+    parents: tuple[int, ...] = ()
 
 
 class Drafter(Protocol):

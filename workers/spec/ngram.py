@@ -3,7 +3,9 @@ and propose what followed them there. No weights; strong where outputs copy thei
 summaries quoting the text, extraction), and free to try: a miss proposes nothing.
 
 The most recent earlier match wins (it is the likeliest continuation in repetitive output); the longest
-suffix that matches at all is tried first.
+suffix that matches at all is tried first. With ``tree_width`` W > 1 the W best distinct continuations (longer
+suffixes first, then the more recent) are merged into a token tree (workers/spec/tree.py): code repeats a
+name's several earlier continuations, and one pass verifies them all.
 
 # L=context tokens, n=suffix length
 """
@@ -15,18 +17,31 @@ from typing import Sequence
 import numpy as np
 
 from workers.spec.drafter import Draft, DraftRequest
+from workers.spec.tree import TreeBuilder
+
+# A candidate's weight in the tree: its suffix length, shrunk by this for each more recent candidate of that length.
+RECENCY_DECAY = 0.8
 
 
 class NgramDrafter:
     name = "ngram"
 
-    def __init__(self, ngram_min: int, ngram_max: int):
+    def __init__(self, ngram_min: int, ngram_max: int, tree_width: int = 1):
         self.ngram_min = ngram_min
         self.ngram_max = ngram_max
+        self.tree_width = tree_width
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        return [Draft(lookup(request.token_ids, self.ngram_min, self.ngram_max, request.num_draft_tokens))
-                for request in requests]
+        if self.tree_width == 1:
+            return [Draft(lookup(request.token_ids, self.ngram_min, self.ngram_max, request.num_draft_tokens))
+                    for request in requests]
+        drafts = []
+        for request in requests:
+            candidates = lookup_candidates(request.token_ids, self.ngram_min, self.ngram_max,
+                                           request.num_draft_tokens, self.tree_width)
+            token_ids, parents = TreeBuilder(request.num_draft_tokens).build(candidates)
+            drafts.append(Draft(token_ids, parents=parents))
+        return drafts
 
     def forget(self, request_id: str) -> None:
         pass  # stateless
@@ -48,3 +63,27 @@ def lookup(token_ids: Sequence[int], ngram_min: int, ngram_max: int, num_draft_t
             follow = int(starts[-1]) + n
             return tuple(tokens[follow:follow + num_draft_tokens].tolist())
     return ()
+
+
+def lookup_candidates(token_ids: Sequence[int], ngram_min: int, ngram_max: int, num_draft_tokens: int,
+                      max_candidates: int) -> list[tuple[tuple[int, ...], float]]:
+    """Up to max_candidates distinct continuations (each at most num_draft_tokens long) with their weights: every
+    suffix length from the longest, each length's matches from the most recent."""
+    num_tokens = len(token_ids)
+    if num_tokens < ngram_min + 1:
+        return []
+    tokens = np.asarray(token_ids, dtype=np.int64)  # [L]
+    candidates: dict[tuple[int, ...], float] = {}
+    for n in range(min(ngram_max, num_tokens - 1), ngram_min - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)  # [L-n, n]
+        starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+        weight = float(n)
+        for start in starts[::-1]:
+            follow = int(start) + n
+            continuation = tuple(tokens[follow:follow + num_draft_tokens].tolist())
+            if continuation and continuation not in candidates:
+                candidates[continuation] = weight
+                weight *= RECENCY_DECAY
+                if len(candidates) == max_candidates:
+                    return list(candidates.items())
+    return list(candidates.items())

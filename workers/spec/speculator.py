@@ -19,6 +19,7 @@ from workers.model.loader import LoadedModel
 from workers.sequence import Sequence
 from workers.spec.drafter import DraftRequest, Drafter, PromptFeatures
 from workers.spec.policy import AcceptanceTracker, Candidate, CostAwarePolicy, FixedPolicy, StepCostModel
+from workers.spec.tree import check_parents, is_chain
 from workers.step import ModelOutput, SchedulerOutput
 
 
@@ -62,7 +63,7 @@ class Speculator:
         """Set draft_token_ids on every running request (empty where it does not draft this step)."""
         decoding = [seq for seq in running if seq.prefill_done and seq.num_tokens - seq.num_computed_tokens == 1]
         for seq in running:
-            seq.draft_token_ids, seq.draft_probs = (), None
+            seq.draft_token_ids, seq.draft_probs, seq.draft_parents = (), None, ()
         candidates: list[Candidate] = []
         askers: list[Sequence] = []
         for seq in decoding:
@@ -93,6 +94,11 @@ class Speculator:
         self.cost.add_drafting(sum(len(d.token_ids) for d in drafts), time.perf_counter() - started)
         for seq, draft in zip(drafting, drafts):
             seq.draft_token_ids, seq.draft_probs = draft.token_ids, draft.probs
+            if draft.parents and not is_chain(draft.parents):
+                check_parents(draft.parents, len(draft.token_ids))
+                if draft.probs is not None:
+                    raise ValueError(f"drafter {self.drafter.name!r}: a draft tree's drafts must be point masses")
+                seq.draft_parents = draft.parents
 
     def step_timed(self, num_rows: int, seconds: float, decode_only: bool) -> None:
         """The engine's forward pass took `seconds` for `num_rows` rows: what the cost model learns from."""
@@ -144,7 +150,7 @@ def make_drafter(config: EngineConfig, loaded: LoadedModel) -> Drafter:
     if spec.method == "ngram":
         from workers.spec.ngram import NgramDrafter
 
-        return NgramDrafter(spec.ngram_min, spec.ngram_max)
+        return NgramDrafter(spec.ngram_min, spec.ngram_max, spec.tree_width)
     if spec.method == "draft_model":
         from workers.config import EvictionConfig, SpeculativeConfig
         from workers.engine import Engine

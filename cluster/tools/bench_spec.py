@@ -90,9 +90,22 @@ def _make_engines(args: argparse.Namespace, methods: list[str]):
     streams = max(int(c) for c in args.concurrency.split(","))
     base = base.model_copy(update={"max_num_seqs": max(base.max_num_seqs, streams)})
     plain = Engine(base.model_copy(update={"speculative": SpeculativeConfig()}), loaded=loaded)
-    spec = {method: Engine(base.model_copy(update={"speculative": base.speculative.model_copy(
-        update={"method": method})}), loaded=loaded) for method in methods}
+    spec = {method: Engine(base.model_copy(update={"speculative": _speculative(base.speculative, method)}),
+                           loaded=loaded) for method in methods}
     return loaded, base, plain, spec
+
+
+# A drafter name with this suffix drafts a token tree (e.g. ngram-tree): --speculative-tree-width, or this.
+TREE_SUFFIX, DEFAULT_TREE_WIDTH = "-tree", 3
+
+
+def _speculative(spec, method: str):
+    """The engine's speculative config for one measured drafter name."""
+    update = {"method": method, "tree_width": 1}
+    if method.endswith(TREE_SUFFIX):
+        width = spec.tree_width if spec.tree_width > 1 else DEFAULT_TREE_WIDTH
+        update = {"method": method[:-len(TREE_SUFFIX)], "tree_width": width}
+    return type(spec).model_validate({**spec.model_dump(), **update})  # validated: a tree is for ngram only
 
 
 def run_spec_bench(args: argparse.Namespace) -> int:
@@ -217,7 +230,8 @@ def write_plot(result: SpecBenchResult, path: str) -> None:
 
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec-methods", default="ngram", help="spec: drafters to measure (comma list)")
+    parser.add_argument("--spec-methods", default="ngram",
+                        help="spec: drafters to measure (comma list; a -tree suffix drafts token trees: ngram-tree)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="spec: prompt families (comma list)")
     parser.add_argument("--llama-server", default=None, metavar="PATH",
                         help="spec: also time llama.cpp's llama-server on the same GGUF, plain and with its own "

@@ -2,6 +2,8 @@
 
 Two applications run side by side on one embedded Ray: `disagg` (prefill tier + decode tier, KV over
 a gloo channel per replica pair) and `unified` (one tier does both). Replicas ask fractional CPUs (2-core CI).
+Both default decode tiers speculate (n-gram token trees, fixed policy): every test here, the kills and the
+cancellations included, runs against verify passes, and greedy output must still be plain decoding's.
 """
 
 import threading
@@ -17,6 +19,8 @@ from tests.integration.local_serve import free_port
 pytestmark = pytest.mark.slow
 
 TIER = {"num_cpus": 0.25}
+SPECULATING = {"speculative": {"method": "ngram", "tree_width": 2, "num_speculative_tokens": 6, "policy": "fixed",
+                               "ngram_min": 1}}
 CLUSTER_STATE: dict[str, int] = {}
 
 
@@ -39,10 +43,11 @@ def cluster():
               "prefill": {"name": "prefill", **TIER}}
     configs = {
         "disagg": ServeConfig.model_validate({**common, "mode": "disaggregated", "decode_tiers": [
-            {"name": "default", **TIER},
+            {"name": "default", **TIER, "engine": SPECULATING},
             {"name": "long", "min_prompt_tokens": 400, **TIER,
              "engine": {"kv_eviction": {"policy": "value_aware", "budget": 0.25}}}]}),
-        "unified": ServeConfig.model_validate({**common, "mode": "unified", "decode_tiers": [{"name": "default", **TIER}]}),
+        "unified": ServeConfig.model_validate({**common, "mode": "unified", "decode_tiers": [
+            {"name": "default", **TIER, "engine": SPECULATING}]}),
         # Compressed KV end to end: the prefill tier writes TurboQuant pages, the decode tier attends over them.
         "compressed": ServeConfig.model_validate({
             **common, "engine": {**common["engine"], "kv_codec": "tq-k4v3"}, "mode": "disaggregated",
@@ -82,7 +87,8 @@ def wait_until_no_blocks(serve, app: str, deployments: list[str], seconds: float
 
 
 PROMPTS = ["The capital of France is", "In Python, a list comprehension is",
-           "Once upon a time, in a small village by the sea,"]
+           "Once upon a time, in a small village by the sea,",
+           "Repeat after me: red green blue, red green blue, red green blue, red green"]
 
 
 def test_disaggregated_equals_unified_equals_in_process(cluster, real_model):
@@ -95,6 +101,7 @@ def test_disaggregated_equals_unified_equals_in_process(cluster, real_model):
     expected = [c.token_ids for c in engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0,
                                                                               ignore_eos=True))]
     before = handle(serve, "disagg", "DecodeServer-default").transfer_stats.remote().result()
+    drafts = {"disagg": 0, "unified": 0}
     for prompt, tokens in zip(PROMPTS, expected):
         disagg = call(stub, "disagg", greedy(prompt))
         unified = call(stub, "unified", greedy(prompt))
@@ -102,9 +109,17 @@ def test_disaggregated_equals_unified_equals_in_process(cluster, real_model):
         assert list(unified.token_ids) == tokens
         assert disagg.text == unified.text and disagg.tier == "default"
         assert disagg.finish_reason == pb.FINISH_REASON_LENGTH and disagg.usage.completion_tokens == 24
+        for name, response in (("disagg", disagg), ("unified", unified)):
+            assert response.usage.accepted_draft_tokens <= response.usage.draft_tokens
+            drafts[name] += response.usage.accepted_draft_tokens
+    # the decode tiers really drafted and verified (the repetitive prompt copies itself)
+    assert drafts["disagg"] > 0 and drafts["unified"] > 0
+    # a request may opt out
+    plain = call(stub, "disagg", greedy(PROMPTS[-1], speculative=False))
+    assert list(plain.token_ids) == expected[-1] and plain.usage.draft_tokens == 0
     after = handle(serve, "disagg", "DecodeServer-default").transfer_stats.remote().result()
     # The KV really crossed the tiers (not recomputed): one transfer per request, bytes accounted.
-    assert after["transfers"] - before["transfers"] == len(PROMPTS)
+    assert after["transfers"] - before["transfers"] == len(PROMPTS) + 1  # and the opted-out request
     assert after["failures"] == before["failures"]
     assert after["bytes"] > before["bytes"]
 
@@ -325,7 +340,7 @@ def test_prometheus_metrics_are_exported(cluster):
     call(stub, "disagg", greedy(" ".join(["word"] * 450), 2))  # the long tier evicts
     wanted = ["tierserve_ttft_seconds", "tierserve_kv_blocks_used", "tierserve_kv_transfer_bytes_total",
               "tierserve_router_requests_in_flight", "tierserve_kv_transfer_failures_total",
-              "tierserve_kv_blocks_evicted_total"]
+              "tierserve_kv_blocks_evicted_total", "tierserve_spec_accepted_tokens_total"]
     deadline = time.monotonic() + 60
     text = ""
     while time.monotonic() < deadline:

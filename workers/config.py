@@ -58,8 +58,9 @@ class SpeculativeConfig(BaseModel):
     ngram_min: int = Field(2, ge=1, description="ngram: the shortest suffix that may propose")
     tree_width: int = Field(1, ge=1, le=8, description="alternatives per draft position: 1 = a chain; more = a "
                                                        "token tree verified in the same pass (ngram: that many "
-                                                       "earlier matches merged; num_speculative_tokens is the "
-                                                       "tree's node budget)")
+                                                       "earlier matches merged; eagle3: top-k children per "
+                                                       "node, EAGLE-2's dynamic tree; num_speculative_tokens is "
+                                                       "the tree's node budget)")
     policy: Literal["cost", "fixed"] = Field(
         "cost", description="how many drafts: cost = each request's acceptance rate against the step cost fitted "
                             "online (drafts only while they raise tokens per second); fixed = always "
@@ -75,8 +76,9 @@ class SpeculativeConfig(BaseModel):
             raise ValueError(f"speculative: ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})")
         if self.method == "draft_model" and not self.draft_model:
             raise ValueError("speculative: method draft_model needs draft_model (a model path or name)")
-        if self.tree_width > 1 and self.method != "ngram":
-            raise ValueError(f"speculative: tree_width > 1 is built for ngram; {self.method} drafts a chain")
+        if self.tree_width > 1 and self.method not in ("ngram", "eagle3"):
+            raise ValueError(f"speculative: tree_width > 1 is built for ngram and eagle3; {self.method} drafts a "
+                             f"chain")
         return self
 
 

@@ -139,3 +139,56 @@ def test_training_learns_and_resumes(tiny_loaded, tmp_path):
     drafter.add_features("r", 0, target_features(tiny_loaded, [windows[0][:20]], drafter.capture_layer_ids,
                                                  top_k=2).aux[0, :19].float())
     assert len(drafter.propose([DraftRequest("r", windows[0][:20], 3)])[0].token_ids) == 3
+
+
+def test_eagle3_tree_nodes_are_what_the_chain_would_draft_along_their_path(tiny_loaded):
+    """Every node of a tree (width 3, 10 nodes) is among the top-3 of its parent's logits as a chain drafter computes
+    them replaying the node's path: the tree rows' masks, positions and K/V slots are the chain's."""
+    from workers.spec.tree import ROOT, check_parents
+
+    head = random_head(tiny_loaded, seed=4)
+    rng = random.Random(5)
+    window = [rng.randrange(3, 200) for _ in range(20)]
+    aux = target_features(tiny_loaded, [window], head.config.aux_layer_ids, top_k=2).aux[0].float()
+    tree_drafter = Eagle3Drafter(head, tree_width=3)
+    tree_drafter.add_features("r", 0, aux[:19])
+    [draft] = tree_drafter.propose([DraftRequest("r", window, 10)])
+    check_parents(draft.parents, len(draft.token_ids))
+    assert len(draft.token_ids) == 10 and max(depths_of(draft.parents)) >= 3
+    for node, token in enumerate(draft.token_ids):
+        path = []
+        ancestor = draft.parents[node]
+        while ancestor != ROOT:
+            path.insert(0, draft.token_ids[ancestor])
+            ancestor = draft.parents[ancestor]
+        chain = Eagle3Drafter(head)
+        chain.add_features("r", 0, aux[:19])
+        state = chain.states["r"]
+        with torch.no_grad():
+            fed, logits = chain._rows(state, torch.tensor(window[1:20]), head.fuse(aux[:19]), torch.arange(19),
+                                      cached=True)
+            for step, fed_token in enumerate(path):
+                fed, logits = chain._rows(state, torch.tensor([fed_token]), fed[-1:], torch.tensor([19 + step]),
+                                          cached=False)
+        top = head.to_target_ids(logits[-1].topk(3).indices).tolist()
+        assert token in top, (node, path, token, top)
+
+
+def depths_of(parents):
+    from workers.spec.tree import depths
+
+    return depths(parents)
+
+
+def test_eagle3_tree_drafts_are_verified_losslessly(tiny_loaded, head_dir):
+    prompts = random_prompts(5, seed=33)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = [c.token_ids for c in make_engine(tiny_loaded).generate(prompts, params)]
+    config = EngineConfig(model=tiny_loaded.path, block_size=4, num_kv_blocks=256, max_num_batched_tokens=32,
+                          speculative=SpeculativeConfig(method="eagle3", eagle_head=str(head_dir), tree_width=3,
+                                                        num_speculative_tokens=8, policy="fixed"))
+    engine = Engine(config, loaded=tiny_loaded)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == plain
+    assert engine.speculator.stats.num_verify_passes > 0
+    assert not engine.speculator.drafter.states
+    assert_no_blocks_held(engine)

@@ -163,6 +163,7 @@ def test_ngram_tree_config_serves_plain_greedy_output(tiny_loaded):
     assert engine.speculator.stats.num_verify_passes > 0
     with pytest.raises(ValueError, match="tree_width"):
         SpeculativeConfig(method="draft_model", draft_model="x", tree_width=2)
+    SpeculativeConfig(method="eagle3", tree_width=4)  # EAGLE-2's dynamic tree
 
 
 def test_tree_verification_keeps_the_target_distribution():

@@ -169,7 +169,7 @@ def make_drafter(config: EngineConfig, loaded: LoadedModel) -> Drafter:
         from workers.spec.eagle3 import load_head_for
         from workers.spec.eagle3_drafter import Eagle3Drafter
 
-        return Eagle3Drafter(load_head_for(loaded, spec.eagle_head))
+        return Eagle3Drafter(load_head_for(loaded, spec.eagle_head), tree_width=spec.tree_width)
     raise ValueError(f"unknown speculative method {spec.method!r}")
 
 

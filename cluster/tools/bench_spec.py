@@ -197,8 +197,9 @@ def format_table(result: SpecBenchResult) -> str:
     for entry in result.llama_server:
         acceptance = entry["draft_acceptance"]
         lines.append(f"llama-server {'(-md draft)' if entry['draft'] else '(plain)':<12} {entry['family']:<11} "
-                     f"1 stream: {entry['decode_tok_s']:.1f} tok/s"
-                     + (f", acceptance {100 * acceptance:.0f}%" if acceptance is not None else ""))
+                     + (f"failed: {entry['error']}" if entry.get("error") else
+                        f"1 stream: {entry['decode_tok_s']:.1f} tok/s"
+                        + (f", acceptance {100 * acceptance:.0f}%" if acceptance is not None else "")))
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ class LlamaServerResult:
     draft: bool  # with -md (its speculation) or plain
     decode_tok_s: float  # median over the prompts
     draft_acceptance: float | None  # accepted / drafted, when it drafted
+    error: str | None = None  # the server would not start or answer: the rest of the bench still reports
 
 
 def _free_port() -> int:
@@ -35,8 +36,8 @@ class LlamaServer:
         self.port = _free_port()
         command = [binary, "-m", model_path, "--port", str(self.port), "-t", str(threads), "-c", str(context),
                    "-np", "1", "--no-webui"]
-        if draft_path:
-            command += ["-md", draft_path, "--draft-max", "16", "--draft-min", "1"]
+        if draft_path:  # its own defaults for how many to draft: what its users run (the flags' names change)
+            command += ["-md", draft_path]
         if no_repack:
             command += ["--no-repack"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -79,7 +80,12 @@ def run_llama_baseline(binary: str, model_path: str, draft_path: str | None, pro
 
     results = []
     for draft in ([False, True] if draft_path else [False]):
-        server = LlamaServer(binary, model_path, draft_path if draft else None, threads, no_repack)
+        try:
+            server = LlamaServer(binary, model_path, draft_path if draft else None, threads, no_repack)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            results.extend(LlamaServerResult(family, draft, 0.0, None, error=str(exc)[-500:])
+                           for family in prompts_by_family)
+            continue
         try:
             server.complete(next(iter(prompts_by_family.values()))[0], 8)  # warm-up
             for family, prompts in prompts_by_family.items():

@@ -210,6 +210,8 @@ def write_plot(result: SpecBenchResult, path: str) -> None:
     import matplotlib.pyplot as plt
 
     methods = sorted({cell.method for cell in result.cells})
+    if not methods:  # a baseline-only run (--spec-methods ""): the table and JSON say it all
+        return
     figure, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), squeeze=False)
     for axis, method in zip(axes[0], methods):
         cells = [cell for cell in result.cells if cell.method == method]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +46,12 @@ def write_tiny_tokenizer(directory: Path) -> int:
 
 
 def make_tiny_hf_checkpoint(directory: Path, variant: str = "llama", seed: int = 0) -> Path:
-    """variant: llama (tied), llama-untied, qwen2 (q/k/v bias), llama3-rope, linear-rope, unsupported."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """variant: llama (tied), llama-untied, qwen2 (q/k/v bias), llama3-rope, linear-rope, unsupported; MoE: mixtral
+    (every layer sparse), qwen2_moe (shared expert with its gate, layer 1 dense, top-k not renormalised), qwen3_moe
+    (q/k norm, fine-grained experts, renormalised top-k)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,6 +62,16 @@ def make_tiny_hf_checkpoint(directory: Path, variant: str = "llama", seed: int =
     torch.manual_seed(seed)
     if variant == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0))
+    elif variant == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                                 sliding_window=None))
+    elif variant == "qwen2_moe":
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, num_experts=6, num_experts_per_tok=2,
+                                                   moe_intermediate_size=32, shared_expert_intermediate_size=96,
+                                                   mlp_only_layers=[1], norm_topk_prob=False))
+    elif variant == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                                   moe_intermediate_size=24, norm_topk_prob=True))
     else:
         extra: dict = {"rope_theta": 10000.0}
         if variant == "llama-untied":

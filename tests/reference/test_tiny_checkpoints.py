@@ -106,3 +106,25 @@ def test_missing_and_corrupt_model_files(tmp_path):
     junk.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(CorruptModelError, match="not a valid GGUF"):
         load_model(str(junk))
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_checkpoint_logits_match_transformers(tmp_path, variant):
+    """Routed experts through the one decoder class: logits equal transformers' (prefilled whole and in chunks)."""
+    model_dir = make_tiny_hf_checkpoint(tmp_path / variant, variant)
+    loaded = load_model(str(model_dir), dtype=torch.float32)
+    moe = loaded.config.moe
+    assert moe is not None
+    assert moe.sparse_layers == ((0,) if variant == "qwen2_moe" else (0, 1))
+    assert loaded.config.qk_norm == (variant == "qwen3_moe")
+    assert (moe.shared_intermediate_size > 0) == (variant == "qwen2_moe")
+    generator = torch.Generator().manual_seed(2)
+    token_ids = torch.randint(3, loaded.config.vocab_size, (60,), generator=generator).tolist()
+    theirs = hf_logits(model_dir, token_ids)
+    assert (prefill_logits(loaded, token_ids) - theirs).abs().max().item() < FP32_ATOL
+    assert (prefill_logits(loaded, token_ids, chunk_size=7) - theirs).abs().max().item() < FP32_ATOL
+    # every expert of the first sparse layer is used by some token: the test sees all of them
+    layer = loaded.model.layers[moe.sparse_layers[0]].mlp
+    with torch.no_grad():
+        _, expert_ids = layer.route(loaded.model.embed_tokens(torch.tensor(token_ids)))
+    assert len(set(expert_ids.flatten().tolist())) == moe.num_experts

@@ -1,4 +1,6 @@
-"""One Llama-family decoder (Llama, Mistral, Qwen2): GQA, RoPE, optional q/k/v bias, tied or untied head.
+"""One Llama-family decoder (Llama, Mistral, Qwen2; Mixtral, Qwen2-MoE, Qwen3-MoE): GQA, RoPE, optional q/k/v bias
+and per-head q/k norm, a dense MLP or a routed mixture of experts per layer (workers/model/moe.py), tied or untied
+head.
 
 q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs: the decode step on a CPU is
 dominated by per-op overhead and weight reads). Weights arrive under Hugging Face names and are
@@ -9,15 +11,17 @@ routed by the declared STACKED_PARAMS table.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from kernels.fused_ops import rms_norm, rope_, silu_mul
+from kernels.fused_ops import rms_norm, rope_
 from workers.attention import AttentionMetadata, paged_attention
 from workers.kv.codecs import KVCodec, LayerPages
 from workers.model.config import ModelConfig
+from workers.model.moe import DenseMLP, SparseMoE
 from workers.model.rope import RotaryEmbedding, rope_inv_freq
 
 # (our fused parameter, HF projection name, shard index) — the HF projections packed into one matmul.
@@ -28,6 +32,17 @@ STACKED_PARAMS = (
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 )
+
+# Checkpoints store experts one by one (HF's own save format, every hub MoE): layers.N.mlp.experts.M.gate_proj
+# (Mixtral: block_sparse_moe.experts.M.w1/w3/w2). They land in the stacked [X, 2I, E] / [X, E, I] parameters;
+# HF's in-memory fused names (experts.gate_up_proj / experts.down_proj) load whole.
+_EXPERT_TENSOR = re.compile(r"^(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_FUSED_EXPERTS = re.compile(r"^(layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)$")
+_EXPERT_PROJECTION = {"gate_proj": ("experts_gate_up", 0), "w1": ("experts_gate_up", 0),
+                      "up_proj": ("experts_gate_up", 1), "w3": ("experts_gate_up", 1),
+                      "down_proj": ("experts_down", None), "w2": ("experts_down", None)}
+_ROUTER_NAMES = ((".mlp.gate.weight", ".mlp.router.weight"),
+                 (".mlp.gate.e_score_correction_bias", ".mlp.score_bias"))
 
 
 class RMSNorm(nn.Module):
@@ -54,12 +69,19 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.shard_sizes), bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
+        # Qwen3: RMSNorm over each head's q and k (shared across heads) before RoPE
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def project(self, hidden: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [T, E] -> query [T, H, D], key [T, Hkv, D] (both rotated), value [T, Hkv, D]."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
+        if self.q_norm is not None:
+            for norm, start, size in ((self.q_norm, 0, self.q_size), (self.k_norm, self.q_size, self.kv_size)):
+                heads = qkv[:, start:start + size].reshape(-1, self.head_dim)  # [T * heads, D] (a copy)
+                qkv[:, start:start + size] = norm(heads).view(num_tokens, size)
         # q and k are adjacent in qkv: rotate them as one [T, H + Hkv, D] view, in place.
         query_key = rope_(
             qkv[:, :self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim),
@@ -75,25 +97,19 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(hidden.shape[0], self.q_size))
 
 
-class MLP(nn.Module):
+class MLP(DenseMLP):
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.shard_sizes = (config.intermediate_size, config.intermediate_size)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
+        super().__init__(config.hidden_size, config.intermediate_size)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        sparse = config.moe is not None and layer_index in config.moe.sparse_layers
+        self.mlp = SparseMoE(config) if sparse else MLP(config)
 
     def forward(self, hidden, rope_cos_sin, pages, codec, meta) -> torch.Tensor:
         """hidden [T, E] is the residual stream, updated in place (the model's own activation, never an input's)."""
@@ -113,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
         # parameter is overwritten by load_weights (which checks that none is left out).
         with torch.device("meta"):
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-            self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+            self.layers = nn.ModuleList(DecoderLayer(config, index) for index in range(config.num_layers))
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.to_empty(device=device)
@@ -156,6 +172,8 @@ class LlamaForCausalLM(nn.Module):
             name = _our_name(hf_name)
             if name is None:
                 continue  # rotary buffers and similar non-parameters
+            if self._load_expert(name, tensor, params, loaded, hf_name):
+                continue
             target, shard = _stacked_target(name)
             if target not in params:
                 raise KeyError(f"checkpoint tensor {hf_name!r} has no matching parameter ({target})")
@@ -171,14 +189,44 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(target)
         self._check_all_loaded(loaded)
 
+    def _load_expert(self, name: str, tensor: torch.Tensor, params: dict[str, nn.Parameter], loaded: set[str],
+                     hf_name: str) -> bool:
+        """An expert's tensor into its stacked parameter (True), or not an expert tensor (False)."""
+        match = _EXPERT_TENSOR.match(name)
+        if match:
+            prefix, expert, projection = match.group(1), int(match.group(2)), match.group(3)
+            stacked, shard = _EXPERT_PROJECTION[projection]
+            target = f"{prefix}.{stacked}"
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {hf_name!r} has no matching parameter ({target})")
+            param = params[target].data
+            if not 0 <= expert < param.shape[0]:
+                raise ValueError(f"checkpoint tensor {hf_name!r}: expert {expert} of {param.shape[0]}")
+            dst = param[expert]
+            if shard is not None:
+                size = dst.shape[0] // 2
+                dst = dst.narrow(0, shard * size, size)
+            _copy_checked(dst, tensor, hf_name)
+            loaded.add(_expert_key(target, expert, shard))
+            return True
+        match = _FUSED_EXPERTS.match(name)
+        if match:
+            target = f"{match.group(1)}.{'experts_gate_up' if match.group(2) == 'gate_up_proj' else 'experts_down'}"
+            _copy_checked(params[target].data, tensor, hf_name)
+            loaded.update(_expert_keys(target, params[target]))
+            return True
+        return False
+
     def _check_all_loaded(self, loaded: set[str]) -> None:
         num_shards = {fused: sum(1 for f, _, _ in STACKED_PARAMS if f == fused) for fused, _, _ in STACKED_PARAMS}
         expected = set()
-        for name, _ in self.named_parameters(remove_duplicate=False):
+        for name, param in self.named_parameters(remove_duplicate=False):
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
             module = name.rsplit(".", 2)[-2]
-            if module in num_shards:
+            if name.endswith((".experts_gate_up", ".experts_down")):
+                expected.update(_expert_keys(name, param))
+            elif module in num_shards:
                 expected.update(f"{name}#{shard}" for shard in range(num_shards[module]))
             else:
                 expected.add(name)
@@ -190,7 +238,20 @@ class LlamaForCausalLM(nn.Module):
 def _our_name(hf_name: str) -> str | None:
     if "rotary_emb" in hf_name:
         return None
-    return hf_name.removeprefix("model.")
+    name = hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    for theirs, ours in _ROUTER_NAMES:
+        if name.endswith(theirs):
+            return name[:-len(theirs)] + ours
+    return name
+
+
+def _expert_key(target: str, expert: int, shard: int | None) -> str:
+    return f"{target}@{expert}#{shard}"
+
+
+def _expert_keys(target: str, param: torch.Tensor) -> set[str]:
+    shards = (0, 1) if target.endswith("experts_gate_up") else (None,)
+    return {_expert_key(target, expert, shard) for expert in range(param.shape[0]) for shard in shards}
 
 
 def _stacked_target(name: str) -> tuple[str, int | None]:

@@ -98,6 +98,8 @@ class NativeDecodeLayers:
             return None
         if codec.dtype == torch.float16 and not library.native_has_half():
             return None  # no F16C: fp16 pages take torch's paths
+        if model.config.moe is not None or model.config.qk_norm:
+            return None  # the native layer call knows dense MLPs and plain q/k only
         head_dim = model.config.head_dim
         if head_dim % 2 or head_dim > 256:
             return None  # the native RoPE and attention refuse these (torch runs them)

@@ -1,0 +1,66 @@
+"""A routed mixture of experts where a dense MLP stands (Mixtral, Qwen2-MoE, Qwen3-MoE; DeepSeek-V3-style routing).
+
+The router is a linear layer to one logit per expert; the routing rule is a policy (workers/moe/router.py); the
+experts' weights are stacked ([X, 2I, E] gate/up, [X, E, I] down) and run as one grouped GEMM (kernels/moe.py). A
+shared expert (Qwen2-MoE) sees every token, scaled by a sigmoid gate.
+
+# T=tokens, E=hidden size, X=experts, I=expert intermediate size, k=experts per token
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.fused_ops import silu_mul
+from kernels.moe import fused_moe
+from workers.model.config import ModelConfig
+from workers.moe.router import make_router
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with gate and up fused into one matmul (a dense layer's MLP, or a shared expert)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.shard_sizes = (intermediate_size, intermediate_size)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_mul(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        moe = config.moe
+        assert moe is not None
+        self.top_k = moe.top_k
+        self.policy = make_router(moe)
+        self.router = nn.Linear(config.hidden_size, moe.num_experts, bias=False)  # HF: `gate`
+        self.experts_gate_up = nn.Parameter(torch.empty(moe.num_experts, 2 * moe.expert_intermediate_size,
+                                                        config.hidden_size), requires_grad=False)
+        self.experts_down = nn.Parameter(torch.empty(moe.num_experts, config.hidden_size,
+                                                     moe.expert_intermediate_size), requires_grad=False)
+        # DeepSeek-V3: a per-expert bias on the selection scores (HF: gate.e_score_correction_bias)
+        self.score_bias = (nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
+                           if moe.scoring == "sigmoid" else None)
+        self.shared_expert = (DenseMLP(config.hidden_size, moe.shared_intermediate_size)
+                              if moe.shared_intermediate_size else None)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if moe.shared_expert_gate else None
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, E] -> (weights [T, k] float32, expert ids [T, k])."""
+        return self.policy.route(self.router(hidden).float(), self.score_bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = self.route(hidden)
+        out = fused_moe(hidden, self.experts_gate_up, self.experts_down, weights, expert_ids).to(hidden.dtype)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden)) * shared
+            out += shared
+        return out

@@ -1,5 +1,5 @@
 """The offline tools' commands: `tierserve bench`, `tierserve eval`, `tierserve calibrate`, `tierserve models`,
-`tierserve train-drafter`."""
+`tierserve train-drafter`, `tierserve moefy`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import importlib
 from cluster.flags import add_engine_options
 from cluster.tools.calibrate import cmd_calibrate
 from cluster.tools.models import add_parser as add_models_parser
+from cluster.tools.moefy import add_parser as add_moefy_parser
 from cluster.tools.train_drafter import add_parser as add_train_drafter_parser
 
 
@@ -87,3 +88,4 @@ def add_parsers(sub) -> None:
 
     add_models_parser(sub)
     add_train_drafter_parser(sub)
+    add_moefy_parser(sub)

@@ -236,6 +236,21 @@ class Tokenizer:
             chat_template=_read_hf_chat_template(directory, tokenizer_config),
         )
 
+    def save_hf_dir(self, path: str | os.PathLike[str]) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json (the stop ids) so that
+        from_hf_dir (and transformers) reads this tokenizer back."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(directory / "tokenizer.json"))
+        config = {"bos_token": self._token_text(self.bos_token_id), "eos_token": self._token_text(self.eos_token_id),
+                  "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
+                  "tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        (directory / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": self.bos_token_id, "eos_token_id": sorted(self.stop_token_ids)}, indent=2))
+
     # ---- queries --------------------------------------------------------------------------------
 
     @property

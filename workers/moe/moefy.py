@@ -53,9 +53,9 @@ class MoefyConfig:
     profile_tokens: int = 4096  # calibration tokens in a neuron's co-activation profile
     router_steps: int = 400
     router_lr: float = 3e-3
-    tune_steps: int = 300  # expert tuning: Adam steps per layer (0: the experts stay the dense model's slices)
+    tune_steps: int = 200  # expert tuning: Adam steps per layer (0: the experts stay the dense model's slices)
     tune_lr: float = 1e-3
-    tune_batch: int = 2048
+    tune_batch: int = 1024
     temperature: float = 1e4
     seed: int = 0
 
@@ -207,14 +207,26 @@ def split_layer(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: tor
                       error_after=_relative_error(x, chosen, target, weights), **weights)
 
 
-def moefied_mlp(x: torch.Tensor, expert_ids: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The converted layer: the shared expert plus each token's chosen experts, each weighted 1 (differentiable)."""
-    from kernels.moe import grouped_moe
-
+def moefied_mlp(x: torch.Tensor, expert_ids: torch.Tensor, weights: dict) -> torch.Tensor:
+    """The converted layer: the shared expert plus each token's chosen experts, each weighted 1. The experts' weights
+    are stacked tensors, or lists of one tensor per expert (training: autograd then keeps a small gradient per
+    expert instead of a full stacked-size one for every slice taken)."""
     gate, up = (x @ weights["shared_gate_up"].t()).chunk(2, dim=-1)
-    shared = (F.silu(gate) * up) @ weights["shared_down"].t()
-    ones = torch.ones(expert_ids.shape, dtype=x.dtype)
-    return shared + grouped_moe(x, weights["experts_gate_up"], weights["experts_down"], ones, expert_ids)
+    out = (F.silu(gate) * up) @ weights["shared_down"].t()
+    top_k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = order // top_k
+    counts = torch.bincount(flat, minlength=len(weights["experts_gate_up"])).tolist()
+    rows = x.index_select(0, tokens)  # [T*k, E] grouped by expert
+    routed = []
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            gate, up = (rows[start:start + count] @ weights["experts_gate_up"][expert].t()).chunk(2, dim=-1)
+            routed.append((F.silu(gate) * up) @ weights["experts_down"][expert].t())
+            start += count
+    return out.index_add(0, tokens, torch.cat(routed))
 
 
 def _relative_error(x, expert_ids, target, weights) -> float:
@@ -226,8 +238,12 @@ def _relative_error(x, expert_ids, target, weights) -> float:
 def tune_experts(x: torch.Tensor, expert_ids: torch.Tensor, target: torch.Tensor, weights: dict[str, torch.Tensor],
                  config: MoefyConfig) -> dict[str, torch.Tensor]:
     """Fit the experts and the shared expert to the dense output, each token through its routed experts."""
-    params = {name: tensor.clone().requires_grad_(True) for name, tensor in weights.items()}
-    optimizer = torch.optim.Adam(params.values(), lr=config.tune_lr)
+    params = {"shared_gate_up": weights["shared_gate_up"].clone().requires_grad_(True),
+              "shared_down": weights["shared_down"].clone().requires_grad_(True),
+              "experts_gate_up": [w.clone().requires_grad_(True) for w in weights["experts_gate_up"]],
+              "experts_down": [w.clone().requires_grad_(True) for w in weights["experts_down"]]}
+    leaves = [params["shared_gate_up"], params["shared_down"], *params["experts_gate_up"], *params["experts_down"]]
+    optimizer = torch.optim.Adam(leaves, lr=config.tune_lr)
     generator = torch.Generator().manual_seed(config.seed)
     scale = target.pow(2).mean()
     with torch.enable_grad():
@@ -237,7 +253,9 @@ def tune_experts(x: torch.Tensor, expert_ids: torch.Tensor, target: torch.Tensor
             loss = (moefied_mlp(x[batch], expert_ids[batch], params) - target[batch]).pow(2).mean() / scale
             loss.backward()
             optimizer.step()
-    return {name: tensor.detach() for name, tensor in params.items()}
+    return {"shared_gate_up": params["shared_gate_up"].detach(), "shared_down": params["shared_down"].detach(),
+            "experts_gate_up": torch.stack([w.detach() for w in params["experts_gate_up"]]),
+            "experts_down": torch.stack([w.detach() for w in params["experts_down"]])}
 
 
 def train_router(x: torch.Tensor, worth: torch.Tensor, config: MoefyConfig) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The offline tools' commands: `tierserve bench`, `tierserve eval`, `tierserve calibrate`, `tierserve models`,
-`tierserve train-drafter`, `tierserve moefy`."""
+`tierserve train-drafter`, `tierserve moefy`, `tierserve prune-experts`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import importlib
 from cluster.flags import add_engine_options
 from cluster.tools.calibrate import cmd_calibrate
 from cluster.tools.models import add_parser as add_models_parser
+from cluster.tools.eval_moe import add_eval_moe_options, add_prune_parser
 from cluster.tools.moefy import add_parser as add_moefy_parser
 from cluster.tools.train_drafter import add_parser as add_train_drafter_parser
 
@@ -20,7 +21,8 @@ BENCH_TARGETS = {"engine": ("cluster.tools.bench_engine", "run_engine_bench"),
                  "spec": ("cluster.tools.bench_spec", "run_spec_bench")}
 EVAL_TARGETS = {"kv": ("cluster.tools.eval_kv", "run_eval_kv"),
                 "memory": ("cluster.tools.kv_memory", "run_memory"),
-                "longctx": ("cluster.tools.eval_longctx", "run_eval_longctx")}
+                "longctx": ("cluster.tools.eval_longctx", "run_eval_longctx"),
+                "moe": ("cluster.tools.eval_moe", "run_eval_moe")}
 
 
 def _run_target(targets: dict[str, tuple[str, str]], args: argparse.Namespace) -> int:
@@ -68,7 +70,8 @@ def add_parsers(sub) -> None:
 
     evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")
     evaluate.add_argument("target", choices=list(EVAL_TARGETS),
-                          help="kv: codec quality; memory: long-context KV bytes; longctx: eviction policies")
+                          help="kv: codec quality; memory: long-context KV bytes; longctx: eviction policies; "
+                               "moe: an MoE model under dMoE routing and expert pruning")
     evaluate.add_argument("--context-tokens", type=int, default=2**20, help="memory: context length")
     evaluate.add_argument("--json", dest="json_out", default=None, help="write results here (and a PNG beside)")
     add_engine_options(evaluate, only=frozenset({"model", "num_threads"}))
@@ -77,6 +80,7 @@ def add_parsers(sub) -> None:
 
     add_eval_kv_options(evaluate)
     add_eval_longctx_options(evaluate)
+    add_eval_moe_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     calibrate = sub.add_parser("calibrate", help="write a KV calibration file for gtq-* and fractional tq-* codecs")
@@ -89,3 +93,4 @@ def add_parsers(sub) -> None:
     add_models_parser(sub)
     add_train_drafter_parser(sub)
     add_moefy_parser(sub)
+    add_prune_parser(sub)

@@ -56,6 +56,13 @@ class EngineMetrics:
                                     ("accepted_tokens", "draft tokens accepted"),
                                     ("emitted_tokens", "tokens emitted by verify passes"))}
         self._spec_seen = dict.fromkeys(self.spec_counters, 0)
+        # MoE models: how many distinct experts a block of tokens uses (dMoE's measure) and the busiest expert's share
+        self.moe_distinct = metrics.Gauge("tierserve_moe_distinct_experts_per_block",
+                                          "mean distinct experts per block of tokens, over MoE layers",
+                                          tag_keys=("tier", "role"))
+        self.moe_busiest = metrics.Gauge("tierserve_moe_busiest_expert_share",
+                                         "the busiest expert's share of its layer's routed tokens",
+                                         tag_keys=("tier", "role"))
         self._engine = engine
         self._period_s = period_s
         threading.Thread(target=self._sample_forever, name="tierserve-metrics", daemon=True).start()
@@ -80,6 +87,10 @@ class EngineMetrics:
             speculator = getattr(self._engine, "speculator", None)
             if speculator is not None:
                 self._add_spec(speculator.stats)
+            moe = self._engine.moe_stats() if hasattr(self._engine, "moe_stats") else None
+            if moe is not None:
+                self.moe_distinct.set(moe["distinct_experts_per_block"], tags=self._tags)
+                self.moe_busiest.set(moe["busiest_expert_share"], tags=self._tags)
             time.sleep(self._period_s)
 
     def _add_spec(self, stats) -> None:

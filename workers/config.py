@@ -82,6 +82,18 @@ class SpeculativeConfig(BaseModel):
         return self
 
 
+class MoERoutingConfig(BaseModel):
+    """How an MoE model's routers choose (workers/moe/router.py); no effect on a dense model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(0, ge=0, description="dMoE block routing: blocks of this many consecutive tokens of a "
+                                                 "step (prefill chunks, decode batches, verification trees) share a "
+                                                 "coreset of experts; 0 = off (each token routes freely)")
+    coreset_threshold: float = Field(0.9, gt=0, le=1, description="dMoE: the share of a block's summed top-k "
+                                                                  "router weight its coreset keeps")
+
+
 class EngineConfig(BaseModel):
     """One engine (one replica's, or `tierserve run`'s): the model, the KV cache and the step budget."""
 
@@ -126,6 +138,8 @@ class EngineConfig(BaseModel):
         "unified", description="set by the deployment: a prefill or decode tier's engine, or both in one (unified)")
     kv_eviction: EvictionConfig = Field(default_factory=EvictionConfig,
                                         description="long-context KV eviction (decode and unified roles)")
+    moe_routing: MoERoutingConfig = Field(default_factory=MoERoutingConfig,
+                                          description="MoE models: dMoE block routing")
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig,
                                            description="speculative decoding (decode and unified roles)")
 

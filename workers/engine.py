@@ -29,6 +29,7 @@ from workers.kv.manager import KVCacheManager
 from workers.kv.presets import make_codec
 from workers.model.block_quant_linear import quantize_linears
 from workers.model.loader import LoadedModel, load_model
+from workers.model.moe import moe_stats, set_block_routing
 from workers.model.packed_linear import pack_linears
 from workers.model_runner import ModelRunner
 from workers.outputs import Completion, RequestOutput
@@ -76,6 +77,9 @@ class Engine:
             quantize_linears(self.model, self.loaded.block_tensors)  # in place, once, like the packing below
         if config.pack_cpu_weights:
             pack_linears(self.model)  # fp32 CPU linears only; in place, once: a shared model is packed for all
+        # An MoE model's routing rule (dMoE blocks or free): a property of the loaded model, so engines sharing
+        # one loaded model share it.
+        set_block_routing(self.model, config.moe_routing.block_size, config.moe_routing.coreset_threshold)
         self.tokenizer = self.loaded.tokenizer
         model_config = self.loaded.config
         calibration = KVCalibration.load(config.kv_calibration) if config.kv_calibration else None
@@ -236,6 +240,17 @@ class Engine:
         return KVStats(num_blocks=self.pool.num_blocks, num_used_blocks=self.pool.num_used_blocks,
                        num_free_blocks=self.pool.num_free_blocks, block_size=self.block_size,
                        bytes_per_block=self._bytes_per_block, num_evicted_blocks=self.eviction.num_evicted_blocks)
+
+    def moe_stats(self) -> dict[str, float] | None:
+        """An MoE model's routing so far (None for a dense model): distinct experts per block, averaged over layers
+        and blocks, and the busiest expert's share of its layer's tokens (1 / experts = perfectly even)."""
+        layers = moe_stats(self.model)
+        if not layers:
+            return None
+        blocks = sum(layer.num_blocks for layer in layers)
+        busiest = [float(layer.expert_tokens.max()) / max(float(layer.expert_tokens.sum()), 1.0) for layer in layers]
+        return {"distinct_experts_per_block": sum(layer.distinct_experts for layer in layers) / max(blocks, 1),
+                "busiest_expert_share": max(busiest), "num_moe_layers": float(len(layers))}
 
     # ---- the loop -------------------------------------------------------------------------------
     def _forget(self, request_id: str) -> None:

@@ -7,7 +7,7 @@ import pytest
 from cluster.cli import build_parser
 from cluster.config import AutoscalingConfig, ServeConfig, TierConfig
 from cluster.flags import ENGINE_SKIP, engine_config, engine_flags, model_flags, serve_overrides
-from workers.config import EngineConfig, EvictionConfig, SpeculativeConfig
+from workers.config import EngineConfig, EvictionConfig, MoERoutingConfig, SpeculativeConfig
 from workers.sampling_params import SamplingParams
 
 
@@ -23,7 +23,7 @@ def test_every_field_is_described(model):
 
 def test_every_scalar_engine_field_is_a_flag_and_no_flag_sets_a_default():
     names = {flag.name for flag in engine_flags()}
-    nested = {"kv_eviction": EvictionConfig, "speculative": SpeculativeConfig}
+    nested = {"kv_eviction": EvictionConfig, "speculative": SpeculativeConfig, "moe_routing": MoERoutingConfig}
     expected = {name for name in EngineConfig.model_fields if name not in ENGINE_SKIP and name not in nested}
     for prefix, model in nested.items():
         expected |= {f"{prefix}.{name}" for name in model.model_fields}

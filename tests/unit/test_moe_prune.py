@@ -95,3 +95,31 @@ def test_prune_experts_and_eval_moe_commands(tiny_moe, tmp_path, capsys):
     assert [row["routing"].split()[0] for row in rows] == ["as", "dMoE", "reap", "frequency", "random"]
     assert rows[1]["distinct_experts_per_block"] <= rows[0]["distinct_experts_per_block"]
     assert all(row["perplexity"] > 1 for row in rows)
+
+
+def test_engine_routes_in_dmoe_blocks_when_configured_and_counts_distinct_experts(tiny_moe):
+    from tests.unit.test_engine import GREEDY, assert_no_blocks_held, random_prompts
+    from workers.config import EngineConfig, MoERoutingConfig
+    from workers.engine import Engine
+    from workers.model.moe import SparseMoE, set_block_routing
+
+    model_dir, loaded = tiny_moe
+    prompts = random_prompts(4, seed=50, min_len=30, max_len=40)
+    base = dict(model=str(model_dir), block_size=4, num_kv_blocks=128, max_num_batched_tokens=64)
+    try:
+        free = Engine(EngineConfig(**base), loaded=loaded)
+        free.generate(prompts, GREEDY)
+        free_distinct = free.moe_stats()["distinct_experts_per_block"]
+        blocked = Engine(EngineConfig(**base, moe_routing=MoERoutingConfig(block_size=32, coreset_threshold=0.3)),
+                         loaded=loaded)
+        assert all(isinstance(m.policy.inner, SoftmaxTopK) for m in loaded.model.modules() if isinstance(m, SparseMoE))
+        for module in loaded.model.modules():
+            if isinstance(module, SparseMoE):
+                module.stats = type(module.stats)(module.experts_down.shape[0])
+        completions = blocked.generate(prompts, GREEDY)
+        assert all(len(c.token_ids) > 0 for c in completions)
+        assert blocked.moe_stats()["distinct_experts_per_block"] < free_distinct
+        assert 0 < blocked.moe_stats()["busiest_expert_share"] <= 1
+        assert_no_blocks_held(blocked)
+    finally:
+        set_block_routing(loaded.model, 0, 0.9)  # the module-scoped model routes freely again

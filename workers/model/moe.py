@@ -15,7 +15,7 @@ from torch import nn
 from kernels.fused_ops import silu_mul
 from kernels.moe import fused_moe
 from workers.model.config import ModelConfig
-from workers.moe.router import make_router
+from workers.moe.router import BlockCoresetRouter, make_router
 
 
 class DenseMLP(nn.Module):
@@ -39,6 +39,7 @@ class SparseMoE(nn.Module):
         assert moe is not None
         self.top_k = moe.top_k
         self.policy = make_router(moe)
+        self.stats = MoEStats(moe.num_experts)
         self.router = nn.Linear(config.hidden_size, moe.num_experts, bias=False)  # HF: `gate`
         self.experts_gate_up = nn.Parameter(torch.empty(moe.num_experts, 2 * moe.expert_intermediate_size,
                                                         config.hidden_size), requires_grad=False)
@@ -57,6 +58,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.route(hidden)
+        self.stats.add(expert_ids, self.policy.block_size if isinstance(self.policy, BlockCoresetRouter) else 32)
         out = fused_moe(hidden, self.experts_gate_up, self.experts_down, weights, expert_ids).to(hidden.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
@@ -64,3 +66,42 @@ class SparseMoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(hidden)) * shared
             out += shared
         return out
+
+
+class MoEStats:
+    """What one MoE layer's router did, lifetime: tokens routed per expert (the load an expert-placement balancer
+    reads), and distinct experts per block of consecutive rows (dMoE's measure: fewer means fewer expert weights
+    read and, expert-parallel, less all-to-all traffic)."""
+
+    def __init__(self, num_experts: int):
+        self.expert_tokens = torch.zeros(num_experts, dtype=torch.long, device="cpu")  # (the model is built on meta)
+        self.num_blocks = 0
+        self.distinct_experts = 0  # summed over blocks
+
+    def add(self, expert_ids: torch.Tensor, block_size: int) -> None:
+        num_tokens = expert_ids.shape[0]
+        if not num_tokens:
+            return
+        ids = expert_ids.detach().cpu()
+        self.expert_tokens += torch.bincount(ids.flatten(), minlength=self.expert_tokens.numel())
+        blocks = (torch.arange(num_tokens) // block_size)[:, None].expand_as(ids)
+        used = torch.zeros(int(blocks[-1, 0]) + 1, self.expert_tokens.numel(), dtype=torch.bool)
+        used[blocks, ids] = True
+        self.num_blocks += used.shape[0]
+        self.distinct_experts += int(used.sum())
+
+    @property
+    def mean_distinct_experts_per_block(self) -> float:
+        return self.distinct_experts / self.num_blocks if self.num_blocks else 0.0
+
+
+def set_block_routing(model: nn.Module, block_size: int, threshold: float) -> None:
+    """Every MoE layer of the model routes in dMoE blocks (block_size > 0) or freely (0)."""
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            inner = module.policy.inner if isinstance(module.policy, BlockCoresetRouter) else module.policy
+            module.policy = BlockCoresetRouter(inner, block_size, threshold) if block_size else inner
+
+
+def moe_stats(model: nn.Module) -> list[MoEStats]:
+    return [module.stats for module in model.modules() if isinstance(module, SparseMoE)]

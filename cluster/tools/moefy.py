@@ -25,7 +25,8 @@ HELD_OUT_MODULES = ("json.decoder", "textwrap", "shlex", "bisect")
 def default_moe_dir(model_path: str, config: MoefyConfig) -> str:
     root = os.environ.get("TIERSERVE_MOE_CACHE", os.path.expanduser("~/.cache/tierserve/moe"))
     name = os.path.splitext(os.path.basename(model_path))[0]
-    return os.path.join(root, f"{name}-x{config.num_experts}-k{config.top_k}-s{config.shared_neurons}")
+    return os.path.join(root, f"{name}-x{config.num_experts}-k{config.top_k}-s{config.shared_neurons}-"
+                              f"{config.router_weighting}")
 
 
 def held_out_texts() -> list[str]:
@@ -52,7 +53,8 @@ def cmd_moefy(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = MoefyConfig(num_experts=args.experts, top_k=args.top_k, shared_neurons=args.shared_neurons,
-                         router_steps=args.router_steps, tune_steps=args.tune_steps, seed=args.seed)
+                         router_steps=args.router_steps, tune_steps=args.tune_steps,
+                         router_weighting=args.router_weighting, seed=args.seed)
     dense = load_model(args.model, dtype=torch.float32, device="cpu")
     intermediate = dense.config.intermediate_size
     if (intermediate - config.shared_neurons) % config.num_experts:
@@ -79,7 +81,7 @@ def cmd_moefy(args: argparse.Namespace) -> int:
             inputs = capture_mlp_input(dense, windows, index)
             split = split_layer(inputs, *mlp_weights(layer.mlp), config)
             splits.append(split)
-            layer.mlp = ConvertedMLP(split, config.top_k)
+            layer.mlp = ConvertedMLP(split, config)
             layers.append({"layer": index, "router_top1": split.router_top1, "kept_worth": split.kept_worth,
                            "error_before_tuning": split.error_before, "error_after_tuning": split.error_after})
             _progress(f"layer {index}: router top-1 {split.router_top1:.2f}, top-{config.top_k} keeps "
@@ -137,6 +139,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--shared-neurons", type=int, default=defaults.shared_neurons,
                         help="always-on neurons per layer (the shared expert)")
     parser.add_argument("--router-steps", type=int, default=defaults.router_steps)
+    parser.add_argument("--router-weighting", choices=["flat", "confident"], default=defaults.router_weighting,
+                        help="flat: every chosen expert weighted 1, one checkpoint for any top-k; confident: the "
+                             "router's renormalised top-k weights (what dMoE and REAP read), the model at its top-k")
     parser.add_argument("--tune-steps", type=int, default=defaults.tune_steps,
                         help="expert tuning steps per layer (0: the experts are the dense model's slices)")
     parser.add_argument("--window", type=int, default=256, help="tokens per calibration / evaluation window")

@@ -40,7 +40,7 @@ def convert(dense, config: MoefyConfig, windows):
         for index, layer in enumerate(dense.model.layers):
             split = split_layer(capture_mlp_input(dense, windows, index), *mlp_weights(layer.mlp), config)
             splits.append(split)
-            layer.mlp = ConvertedMLP(split, config.top_k)
+            layer.mlp = ConvertedMLP(split, config)
     finally:
         for layer, mlp in zip(dense.model.layers, originals):
             layer.mlp = mlp
@@ -84,3 +84,35 @@ def test_tuning_brings_a_cut_layer_closer_to_the_dense_one(dense):
     assert split.error_after < 0.8 * split.error_before
     assert split.experts_gate_up.shape == (8, 28, 64) and split.experts_down.shape == (8, 64, 14)
     assert 0 < split.kept_worth <= 1 and 0 <= split.router_top1 <= 1
+
+
+def test_confident_weighting_keeps_the_router_in_the_checkpoint(dense, tmp_path):
+    """The confident recipe: renormalised top-k weights in the checkpoint (transformers and ours agree, and the
+    converted layers in memory are what the checkpoint computes), router logits as trained."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.model.loader import load_model
+
+    config = MoefyConfig(num_experts=8, top_k=2, shared_neurons=16, router_steps=50, tune_steps=40,
+                         profile_tokens=256, router_weighting="confident")
+    windows = windows_for(dense, 4, 32, seed=5)
+    splits = convert(dense, config, windows)
+    write_checkpoint(dense, splits, config, str(tmp_path / "moe"))
+    moe = load_model(str(tmp_path / "moe"), dtype=torch.float32)
+    assert moe.config.moe.renormalize and moe.config.moe.top_k == 2
+    probe = windows_for(dense, 1, 24, seed=6)[0]
+    ours = window_logits(moe, probe)
+    originals = [layer.mlp for layer in dense.model.layers]
+    try:
+        for layer, split in zip(dense.model.layers, splits):
+            layer.mlp = ConvertedMLP(split, config)
+        in_memory = window_logits(dense, probe)
+    finally:
+        for layer, mlp in zip(dense.model.layers, originals):
+            layer.mlp = mlp
+    torch.testing.assert_close(ours, in_memory, rtol=0, atol=1e-4)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), dtype=torch.float32,
+                                              experts_implementation="eager").eval()
+    with torch.no_grad():
+        assert (hf(torch.tensor([probe])).logits[0] - ours).abs().max() < 1e-4
+    assert all(split.error_after < split.error_before for split in splits)

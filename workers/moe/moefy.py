@@ -26,6 +26,12 @@ which experts matter for a token:
    probability is 1/X to within ~1e-3 relative while the top-k order is the trained one, and each expert's down
    projection carries the factor X. So one checkpoint serves any top-k (the config's is the default).
 
+   That is the `flat` router weighting. It throws away the router's confidence, which dMoE's block coresets and
+   REAP's gate term read. The `confident` weighting keeps it: the logits stay as trained, the top-k weights are
+   renormalised (norm_topk_prob), each expert's down projection carries the factor k (so equal weights give the
+   unweighted sum), and the experts are tuned under their real weights. Its checkpoint is the model at its own
+   top-k only: at another k' the weights sum to 1 over k' experts and the output scales by k / k'.
+
 Attention, norms and embeddings are the dense model's, untouched.
 """
 
@@ -57,6 +63,7 @@ class MoefyConfig:
     tune_lr: float = 1e-3
     tune_batch: int = 1024
     temperature: float = 1e4
+    router_weighting: str = "flat"  # flat | confident (see the module doc)
     seed: int = 0
 
 
@@ -200,15 +207,26 @@ def split_layer(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: tor
     weights = {"experts_gate_up": torch.stack([torch.cat([gate[ids], up[ids]]) for ids in experts]),
                "experts_down": torch.stack([down[:, ids] for ids in experts]),
                "shared_gate_up": torch.cat([gate[shared], up[shared]]), "shared_down": down[:, shared]}
-    error_before = _relative_error(x, chosen, target, weights)
+    scales = routing_scales(logits, chosen, config)
+    error_before = _relative_error(x, chosen, scales, target, weights)
     if config.tune_steps:
-        weights = tune_experts(x, chosen, target, weights, config)
+        weights = tune_experts(x, chosen, scales, target, weights, config)
     return LayerSplit(router=router, router_top1=top1, kept_worth=kept, error_before=error_before,
-                      error_after=_relative_error(x, chosen, target, weights), **weights)
+                      error_after=_relative_error(x, chosen, scales, target, weights), **weights)
 
 
-def moefied_mlp(x: torch.Tensor, expert_ids: torch.Tensor, weights: dict) -> torch.Tensor:
-    """The converted layer: the shared expert plus each token's chosen experts, each weighted 1. The experts' weights
+def routing_scales(logits: torch.Tensor, chosen: torch.Tensor, config: MoefyConfig) -> torch.Tensor:
+    """[N, k] what each chosen expert's output is multiplied by in the checkpoint: 1 (flat), or k times its
+    renormalised top-k probability (confident)."""
+    if config.router_weighting == "flat":
+        return torch.ones(chosen.shape, dtype=torch.float32)
+    picked = torch.softmax(logits.float(), dim=-1).gather(1, chosen)
+    return picked / picked.sum(dim=1, keepdim=True) * config.top_k
+
+
+def moefied_mlp(x: torch.Tensor, expert_ids: torch.Tensor, scales: torch.Tensor, weights: dict) -> torch.Tensor:
+    """The converted layer: the shared expert plus each token's chosen experts, each times its scale [T, k] (see
+    routing_scales). The experts' weights
     are stacked tensors, or lists of one tensor per expert (training: autograd then keeps a small gradient per
     expert instead of a full stacked-size one for every slice taken)."""
     gate, up = (x @ weights["shared_gate_up"].t()).chunk(2, dim=-1)
@@ -217,6 +235,7 @@ def moefied_mlp(x: torch.Tensor, expert_ids: torch.Tensor, weights: dict) -> tor
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     tokens = order // top_k
+    row_scales = scales.reshape(-1)[order].to(x.dtype)[:, None]
     counts = torch.bincount(flat, minlength=len(weights["experts_gate_up"])).tolist()
     rows = x.index_select(0, tokens)  # [T*k, E] grouped by expert
     routed = []
@@ -226,17 +245,17 @@ def moefied_mlp(x: torch.Tensor, expert_ids: torch.Tensor, weights: dict) -> tor
             gate, up = (rows[start:start + count] @ weights["experts_gate_up"][expert].t()).chunk(2, dim=-1)
             routed.append((F.silu(gate) * up) @ weights["experts_down"][expert].t())
             start += count
-    return out.index_add(0, tokens, torch.cat(routed))
+    return out.index_add(0, tokens, torch.cat(routed) * row_scales)
 
 
-def _relative_error(x, expert_ids, target, weights) -> float:
+def _relative_error(x, expert_ids, scales, target, weights) -> float:
     with torch.no_grad():
-        out = moefied_mlp(x, expert_ids, weights)
+        out = moefied_mlp(x, expert_ids, scales, weights)
         return float(((out - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-12)).mean())
 
 
-def tune_experts(x: torch.Tensor, expert_ids: torch.Tensor, target: torch.Tensor, weights: dict[str, torch.Tensor],
-                 config: MoefyConfig) -> dict[str, torch.Tensor]:
+def tune_experts(x: torch.Tensor, expert_ids: torch.Tensor, scales: torch.Tensor, target: torch.Tensor,
+                 weights: dict[str, torch.Tensor], config: MoefyConfig) -> dict[str, torch.Tensor]:
     """Fit the experts and the shared expert to the dense output, each token through its routed experts."""
     params = {"shared_gate_up": weights["shared_gate_up"].clone().requires_grad_(True),
               "shared_down": weights["shared_down"].clone().requires_grad_(True),
@@ -250,7 +269,8 @@ def tune_experts(x: torch.Tensor, expert_ids: torch.Tensor, target: torch.Tensor
         for _ in range(config.tune_steps):
             batch = torch.randint(0, x.shape[0], (min(config.tune_batch, x.shape[0]),), generator=generator)
             optimizer.zero_grad()
-            loss = (moefied_mlp(x[batch], expert_ids[batch], params) - target[batch]).pow(2).mean() / scale
+            out = moefied_mlp(x[batch], expert_ids[batch], scales[batch], params)
+            loss = (out - target[batch]).pow(2).mean() / scale
             loss.backward()
             optimizer.step()
     return {"shared_gate_up": params["shared_gate_up"].detach(), "shared_down": params["shared_down"].detach(),
@@ -297,12 +317,14 @@ def moe_state_dict(loaded: LoadedModel, splits: list[LayerSplit], config: MoefyC
             q_bias, k_bias, v_bias = attention.qkv_proj.bias.split((q_size, kv_size, kv_size))
             tensors.update({f"{prefix}.self_attn.q_proj.bias": q_bias, f"{prefix}.self_attn.k_proj.bias": k_bias,
                             f"{prefix}.self_attn.v_proj.bias": v_bias})
-        tensors[f"{prefix}.mlp.gate.weight"] = split.router / config.temperature
+        flat = config.router_weighting == "flat"
+        tensors[f"{prefix}.mlp.gate.weight"] = split.router / config.temperature if flat else split.router
+        down_factor = config.num_experts if flat else config.top_k
         for expert in range(config.num_experts):
             gate, up = split.experts_gate_up[expert].chunk(2)
             tensors[f"{prefix}.mlp.experts.{expert}.gate_proj.weight"] = gate
             tensors[f"{prefix}.mlp.experts.{expert}.up_proj.weight"] = up
-            tensors[f"{prefix}.mlp.experts.{expert}.down_proj.weight"] = split.experts_down[expert] * config.num_experts
+            tensors[f"{prefix}.mlp.experts.{expert}.down_proj.weight"] = split.experts_down[expert] * down_factor
         gate, up = split.shared_gate_up.chunk(2)
         tensors[f"{prefix}.mlp.shared_expert.gate_proj.weight"] = gate
         tensors[f"{prefix}.mlp.shared_expert.up_proj.weight"] = up
@@ -324,7 +346,8 @@ def moe_hf_config(loaded: LoadedModel, splits: list[LayerSplit], config: MoefyCo
         "tie_word_embeddings": model_config.tie_word_embeddings, "qkv_bias": model_config.qkv_bias,
         "num_experts": config.num_experts, "num_experts_per_tok": config.top_k,
         "moe_intermediate_size": int(splits[0].experts_down.shape[2]),
-        "shared_expert_intermediate_size": config.shared_neurons, "norm_topk_prob": False,
+        "shared_expert_intermediate_size": config.shared_neurons,
+        "norm_topk_prob": config.router_weighting == "confident",
         "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False, "sliding_window": None,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "torch_dtype": "float32",
@@ -346,17 +369,19 @@ def write_checkpoint(loaded: LoadedModel, splits: list[LayerSplit], config: Moef
 
 
 class ConvertedMLP(torch.nn.Module):
-    """A converted layer inside the dense model while the next layers are fitted: what the checkpoint computes, up
-    to the temperature's ~1e-3 (each chosen expert weighted exactly 1 here)."""
+    """A converted layer inside the dense model while the next layers are fitted: what the checkpoint computes (flat:
+    up to the temperature's ~1e-3, each chosen expert weighted exactly 1 here)."""
 
-    def __init__(self, split: LayerSplit, top_k: int):
+    def __init__(self, split: LayerSplit, config: MoefyConfig):
         super().__init__()
         self.split = split
-        self.top_k = top_k
+        self.config = config
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         split = self.split
-        expert_ids = (hidden.float() @ split.router.t()).topk(self.top_k, dim=1).indices
+        logits = hidden.float() @ split.router.t()
+        expert_ids = logits.topk(self.config.top_k, dim=1).indices
         weights = {"experts_gate_up": split.experts_gate_up, "experts_down": split.experts_down,
                    "shared_gate_up": split.shared_gate_up, "shared_down": split.shared_down}
-        return moefied_mlp(hidden.float(), expert_ids, weights).to(hidden.dtype)
+        scales = routing_scales(logits, expert_ids, self.config)
+        return moefied_mlp(hidden.float(), expert_ids, scales, weights).to(hidden.dtype)

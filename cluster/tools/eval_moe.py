@@ -29,20 +29,12 @@ def _windows(loaded, texts, window: int, count: int):
 
 def distinct_per_block(loaded, windows, block_size: int) -> float:
     """Mean distinct experts per block of block_size consecutive tokens, over every sparse layer and window."""
-    from workers.moe.moefy import window_logits
-    from workers.moe.reap import sparse_blocks
+    from workers.moe.reap import observe_sparse_blocks
     from workers.moe.router import distinct_experts_per_block
 
     counts: list[float] = []
-    hooks = [block.register_forward_pre_hook(
-        lambda module, args: counts.extend(distinct_experts_per_block(module.route(args[0])[1], block_size).tolist()))
-        for _, block in sparse_blocks(loaded)]
-    try:
-        for window in windows:
-            window_logits(loaded, window)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    observe_sparse_blocks(loaded, windows, lambda index, module, hidden: counts.extend(
+        distinct_experts_per_block(module.route(hidden)[1], block_size).tolist()))
     return sum(counts) / len(counts)
 
 

@@ -37,37 +37,44 @@ def sparse_blocks(loaded: LoadedModel) -> list[tuple[int, SparseMoE]]:
     return [(index, layer.mlp) for index, layer in enumerate(loaded.model.layers) if isinstance(layer.mlp, SparseMoE)]
 
 
-def collect_expert_stats(loaded: LoadedModel, windows: list[list[int]]) -> dict[int, ExpertStats]:
-    """Run the windows; per sparse layer, what each expert did."""
+def observe_sparse_blocks(loaded: LoadedModel, windows: list[list[int]], observe) -> None:
+    """Run the windows through the model; observe(layer index, block, hidden [T, E]) sees every sparse block's
+    input on the way."""
     from workers.moe.moefy import window_logits
 
-    blocks = sparse_blocks(loaded)
-    sums = {index: {"counts": torch.zeros(block.experts_down.shape[0]),
-                    "saliency": torch.zeros(block.experts_down.shape[0]),
-                    "mass": torch.zeros(block.experts_down.shape[0]), "tokens": 0} for index, block in blocks}
-    hooks = []
-    for index, block in blocks:
-        def observe(module, args, index=index):
-            hidden = args[0].float()
-            logits = module.router(hidden).float()
-            weights, expert_ids = module.route(hidden)
-            entry = sums[index]
-            entry["mass"] += torch.softmax(logits, dim=-1).sum(dim=0)
-            entry["tokens"] += hidden.shape[0]
-            for slot in range(expert_ids.shape[1]):
-                for expert in expert_ids[:, slot].unique().tolist():
-                    rows = (expert_ids[:, slot] == expert).nonzero().squeeze(1)
-                    gate, up = (hidden[rows] @ module.experts_gate_up[expert].float().t()).chunk(2, dim=-1)
-                    norms = ((F.silu(gate) * up) @ module.experts_down[expert].float().t()).norm(dim=1)
-                    entry["counts"][expert] += rows.numel()
-                    entry["saliency"][expert] += (weights[rows, slot] * norms).sum()
-        hooks.append(block.register_forward_pre_hook(observe))
+    hooks = [block.register_forward_pre_hook(lambda module, args, index=index: observe(index, module, args[0]))
+             for index, block in sparse_blocks(loaded)]
     try:
         for window in windows:
             window_logits(loaded, window)
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def collect_expert_stats(loaded: LoadedModel, windows: list[list[int]]) -> dict[int, ExpertStats]:
+    """Run the windows; per sparse layer, what each expert did."""
+    sums = {index: {"counts": torch.zeros(block.experts_down.shape[0]),
+                    "saliency": torch.zeros(block.experts_down.shape[0]),
+                    "mass": torch.zeros(block.experts_down.shape[0]), "tokens": 0}
+            for index, block in sparse_blocks(loaded)}
+
+    def observe(index: int, module: SparseMoE, hidden: torch.Tensor) -> None:
+        hidden = hidden.float()
+        logits = module.router(hidden).float()
+        weights, expert_ids = module.route(hidden)
+        entry = sums[index]
+        entry["mass"] += torch.softmax(logits, dim=-1).sum(dim=0)
+        entry["tokens"] += hidden.shape[0]
+        for slot in range(expert_ids.shape[1]):
+            for expert in expert_ids[:, slot].unique().tolist():
+                rows = (expert_ids[:, slot] == expert).nonzero().squeeze(1)
+                gate, up = (hidden[rows] @ module.experts_gate_up[expert].float().t()).chunk(2, dim=-1)
+                norms = ((F.silu(gate) * up) @ module.experts_down[expert].float().t()).norm(dim=1)
+                entry["counts"][expert] += rows.numel()
+                entry["saliency"][expert] += (weights[rows, slot] * norms).sum()
+
+    observe_sparse_blocks(loaded, windows, observe)
     return {index: ExpertStats(counts=entry["counts"], saliency=entry["saliency"] / entry["counts"].clamp_min(1),
                                mass=entry["mass"] / max(entry["tokens"], 1))
             for index, entry in sums.items()}

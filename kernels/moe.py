@@ -13,6 +13,8 @@ ids[t, j].
 * ``fused_moe``     - the dispatcher the model calls: Triton on CUDA, the grouped torch path elsewhere.
 
 Weights are stacked per expert: gate_up [X, 2I, E] (gate rows first), down [X, E, I], Hugging Face's fused layout.
+An expert id of -1 is an empty slot (its weight is ignored): expert-parallel, a rank receives each token once with
+only the slots whose experts it holds filled (workers/moe/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def reference_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
         x = hidden[token].float()
         for slot in range(expert_ids.shape[1]):
             expert = int(expert_ids[token, slot])
+            if expert < 0:
+                continue
             gate, up = (gate_up[expert].float() @ x).chunk(2)
             out[token] += float(weights[token, slot]) * (down[expert].float() @ (F.silu(gate) * up))
     return out
@@ -53,9 +57,11 @@ def grouped_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     num_tokens, top_k = expert_ids.shape
     flat_ids = expert_ids.reshape(-1)  # [R]
     order = torch.argsort(flat_ids, stable=True)  # rows grouped by expert, tokens in order within each
+    num_empty = int((flat_ids < 0).sum())  # empty slots (-1) sort first: drop them
+    order = order[num_empty:]
     tokens = order // top_k  # [R] the token of each sorted row
     row_weights = weights.reshape(-1)[order].float()
-    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat_ids[order], minlength=gate_up.shape[0]).tolist()
     gathered = hidden.float().index_select(0, tokens)  # [R, E], contiguous per expert
     results = torch.empty_like(gathered)
     start = 0
@@ -81,15 +87,17 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, w
 # R=T*k routed rows, Rp=rows padded per expert to a multiple of BLOCK_M, M=row blocks
 def moe_align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """expert_ids [T, k] -> (sorted_rows [Rp]: flat (token, slot) ids grouped by expert, each expert's run padded to
-    a multiple of block_m with the sentinel R; block_experts [M]: the expert of each block of block_m rows)."""
+    a multiple of block_m with the sentinel R; block_experts [M]: the expert of each block of block_m rows). Empty
+    slots (-1) appear in no block."""
     flat = expert_ids.reshape(-1)
     num_rows = flat.shape[0]
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    order = order[int((flat < 0).sum()):]  # empty slots sort first
+    counts = torch.bincount(flat[order], minlength=num_experts)
     padded = (counts + block_m - 1) // block_m * block_m
     sorted_rows = torch.full((int(padded.sum()),), num_rows, dtype=torch.int64, device=flat.device)
     starts = torch.cumsum(padded, 0) - padded
-    within = torch.arange(num_rows, device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    within = torch.arange(order.shape[0], device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
     sorted_rows[starts[flat[order]] + within] = order
     block_experts = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), padded // block_m)
     return sorted_rows, block_experts
@@ -151,7 +159,8 @@ def triton_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
                                hidden.stride(0), gate_up.stride(0), gate_up.stride(1), first.stride(0),
                                A_BY_TOKEN=True, MUL_WEIGHT=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     act = (F.silu(first[:, :intermediate]) * first[:, intermediate:]).contiguous()  # [R, I]
-    second = torch.empty(num_rows, hidden_size, dtype=torch.float32, device=hidden.device)
+    # zeros: an empty slot's row is never written and must add nothing to its token's sum
+    second = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=hidden.device)
     grid = (block_experts.shape[0], triton.cdiv(hidden_size, block_n))
     _grouped_gemm_kernel[grid](act, down, second, rows, block_experts, flat_weights,
                                num_rows, hidden_size, intermediate, top_k,

@@ -179,15 +179,20 @@ class AsyncEngine:
     # ---- loop thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            ep = self.engine.expert_parallel
+            # Expert-parallel ranks step together, so an idle one still wakes to agree with the others (and serves
+            # its experts while they have work).
+            idle_wait_s = self.engine.config.expert_parallel.idle_poll_ms / 1000 if ep is not None else None
             while True:
                 # Block for work only when idle; otherwise drain what arrived and keep stepping.
-                block = not self.engine.has_unfinished()
+                block = not self.engine.has_unfinished() and not (ep is not None and ep.peers_busy)
                 while True:
                     try:
-                        command = self._inbox.get(block=block)
+                        command = self._inbox.get(block=block, timeout=idle_wait_s if block else None)
                     except queue.Empty:
                         break
                     if command is None:
+                        self.engine.close()
                         return
                     self._apply(command)
                     block = False

@@ -94,6 +94,23 @@ class MoERoutingConfig(BaseModel):
                                                                   "router weight its coreset keeps")
 
 
+class ExpertParallelConfig(BaseModel):
+    """How an expert-parallel engine behaves in its group (the group's size is the decode tier's
+    `expert_parallel`; workers/moe/expert_parallel.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: float = Field(30.0, gt=0, description="a collective waiting longer than this (a hung peer) drops "
+                                                     "the group, which re-forms without that peer")
+    rebalance_interval_steps: int = Field(256, ge=0, description="EPLB: every this many steps with work, the "
+                                                                 "measured expert loads re-place the experts; 0 = "
+                                                                 "never")
+    rebalance_min_gain: float = Field(0.05, ge=0, description="EPLB: move experts only if the busiest rank's load "
+                                                              "over the mean drops by at least this much")
+    idle_poll_ms: float = Field(5.0, gt=0, description="an idle group agrees this often whether a rank has work "
+                                                       "(the most a new request waits for its first step)")
+
+
 class EngineConfig(BaseModel):
     """One engine (one replica's, or `tierserve run`'s): the model, the KV cache and the step budget."""
 
@@ -142,6 +159,8 @@ class EngineConfig(BaseModel):
                                           description="MoE models: dMoE block routing")
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig,
                                            description="speculative decoding (decode and unified roles)")
+    expert_parallel: ExpertParallelConfig = Field(default_factory=ExpertParallelConfig,
+                                                  description="MoE models in an expert-parallel decode tier")
 
     @field_validator("kv_codec")
     @classmethod

@@ -30,6 +30,7 @@ from workers.kv.presets import make_codec
 from workers.model.block_quant_linear import quantize_linears
 from workers.model.loader import LoadedModel, load_model
 from workers.model.moe import moe_stats, set_block_routing
+from workers.moe.expert_parallel import EPMembership, ExpertParallel, make_expert_parallel
 from workers.model.packed_linear import pack_linears
 from workers.model_runner import ModelRunner
 from workers.outputs import Completion, RequestOutput
@@ -66,7 +67,10 @@ class KVStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 ep_membership: EPMembership | None = None):
+        """ep_membership: run the MoE layers expert-parallel in the group it hands out (the engine must own its
+        model then: the stacks are cut to this rank's experts)."""
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
@@ -138,6 +142,12 @@ class Engine:
         self._capture_layer_ids = self.speculator.capture_layer_ids if self.speculator is not None else \
             (self.prompt_features.layer_ids if self.prompt_features is not None else ())
         self._bytes_per_block = bytes_per_block
+        self.expert_parallel: ExpertParallel | None = None
+        if ep_membership is not None:
+            self.expert_parallel = make_expert_parallel(self.model, ep_membership, self.device,
+                                                        config.expert_parallel, self.loaded.path,
+                                                        config.resolved_dtype())
+            self.expert_parallel.start()  # joins the group (blocks until it forms)
         if config.freeze_gc_heap:
             freeze_gc_heap()  # last: everything the engine keeps for its lifetime exists by now
 
@@ -268,12 +278,19 @@ class Engine:
         # Planned even when nothing runs: a step can preempt every running request and schedule none (blocks held
         # for export or reserved for imports), and plan drops the preempted requests' scores.
         model_input = self.eviction.plan(scheduler_output)
-        if scheduler_output.is_empty:
-            return []
         if self._capture_layer_ids:
             model_input = dataclasses.replace(model_input, capture_layer_ids=self._capture_layer_ids)
         started = time.perf_counter()
-        model_output = self.runner.execute(model_input)
+        if self.expert_parallel is not None:
+            # Every rank of the group steps together: this one may only serve its experts (idle pass).
+            model_output = self.expert_parallel.step(not scheduler_output.is_empty,
+                                                     lambda: self.runner.execute(model_input))
+            if model_output is None:
+                return []
+        elif scheduler_output.is_empty:
+            return []
+        else:
+            model_output = self.runner.execute(model_input)
         if self.speculator is not None:
             self.speculator.step_timed(scheduler_output.num_scheduled_tokens, time.perf_counter() - started,
                                        decode_only=not any(r.in_prefill for r in scheduler_output.scheduled))
@@ -288,6 +305,11 @@ class Engine:
                 self._forget(output.request_id)
         self.eviction.after_update(scheduler_output)
         return outputs
+
+    def close(self) -> None:
+        """Leave the expert-parallel group (its peers re-form without this engine at once)."""
+        if self.expert_parallel is not None:
+            self.expert_parallel.close()
 
     # ---- convenience ----------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:

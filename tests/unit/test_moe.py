@@ -123,3 +123,20 @@ def test_moe_models_serve_through_the_engine(tmp_path, variant):
     engine = Engine(config, loaded=loaded)
     assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == alone
     assert_no_blocks_held(engine)
+
+
+def with_empty_slots(expert_ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """A third of the slots at random set to -1 (expert-parallel: experts held by another rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand(expert_ids.shape, generator=gen) < 0.33, -1, expert_ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_moe_skips_empty_slots(seed):
+    x, gate_up, down, weights, expert_ids = random_moe_inputs(23, 32, 8, 16, 4, seed)
+    ids = with_empty_slots(expert_ids, seed)
+    expected = reference_moe(x, gate_up, down, torch.where(ids < 0, 0.0, weights), expert_ids.clamp(min=0))
+    torch.testing.assert_close(grouped_moe(x, gate_up, down, weights, ids), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference_moe(x, gate_up, down, weights, ids), expected, rtol=1e-5, atol=1e-5)
+    all_empty = torch.full_like(ids, -1)
+    assert not grouped_moe(x, gate_up, down, weights, all_empty).any()

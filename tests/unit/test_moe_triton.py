@@ -27,3 +27,12 @@ def test_moe_align_groups_rows_by_expert_in_padded_blocks():
 def test_triton_moe_matches_the_reference(num_tokens, hidden, num_experts, intermediate, top_k, seed):
     inputs = random_moe_inputs(num_tokens, hidden, num_experts, intermediate, top_k, seed)
     torch.testing.assert_close(triton_moe(*inputs), reference_moe(*inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_triton_moe_skips_empty_slots():
+    from test_moe import with_empty_slots
+
+    x, gate_up, down, weights, expert_ids = random_moe_inputs(21, 32, 8, 16, 4, 5)
+    ids = with_empty_slots(expert_ids, 5)
+    torch.testing.assert_close(triton_moe(x, gate_up, down, weights, ids), reference_moe(x, gate_up, down, weights, ids),
+                               rtol=1e-4, atol=1e-4)

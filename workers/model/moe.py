@@ -51,6 +51,9 @@ class SparseMoE(nn.Module):
         self.shared_expert = (DenseMLP(config.hidden_size, moe.shared_intermediate_size)
                               if moe.shared_intermediate_size else None)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if moe.shared_expert_gate else None
+        # Expert-parallel (workers/moe/expert_parallel.py): the stacks hold this rank's experts only and this
+        # runs dispatch / local experts / combine; None = every expert here.
+        self.expert_parallel = None
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, E] -> (weights [T, k] float32, expert ids [T, k])."""
@@ -59,7 +62,11 @@ class SparseMoE(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.route(hidden)
         self.stats.add(expert_ids, self.policy.block_size if isinstance(self.policy, BlockCoresetRouter) else 32)
-        out = fused_moe(hidden, self.experts_gate_up, self.experts_down, weights, expert_ids).to(hidden.dtype)
+        if self.expert_parallel is not None:
+            out = self.expert_parallel.run(hidden, weights, expert_ids, self.experts_gate_up, self.experts_down)
+        else:
+            out = fused_moe(hidden, self.experts_gate_up, self.experts_down, weights, expert_ids)
+        out = out.to(hidden.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
             if self.shared_expert_gate is not None:

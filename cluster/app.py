@@ -15,10 +15,12 @@ from ray.serve import Application
 
 from cluster.config import ServeConfig, TierConfig
 from cluster.grpc_ingress import Router
+from cluster.ep_coordinator import EPCoordinator
 from cluster.servers import DecodeServer, PrefillServer
 
 GRPC_SERVICER = "cluster.grpc_proxy.add_inference_servicer"  # Serve's proxy + prompt client cancellation
 ROUTER_NUM_CPUS = 0.1  # tokenizing only; must not hold a core on small machines (DESIGN §11)
+EP_COORDINATOR_NUM_CPUS = 0.01  # a roster: a few calls a second
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_PACKAGES = ("cluster", "workers", "kernels", "protos")
 
@@ -62,6 +64,16 @@ def deployment_options(tier: TierConfig, name: str, version: str) -> dict[str, A
     return options
 
 
+def _ep_coordinator(config: ServeConfig, tier: TierConfig, version: str):
+    """An expert-parallel tier's roster (cluster/ep_coordinator.py): one tiny replica, off every request's path."""
+    if tier.expert_parallel <= 1:
+        return None
+    grace_s = config.engine_config(tier).expert_parallel.regroup_grace_s
+    return serve.deployment(EPCoordinator).options(
+        name=f"EPCoordinator-{tier.name}", num_replicas=1, ray_actor_options={"num_cpus": EP_COORDINATOR_NUM_CPUS},
+        version=version, _internal=True).bind(tier.name, tier.expert_parallel, grace_s)
+
+
 def build_app(config: ServeConfig) -> Application:
     version = code_version(config)
     prefill = None
@@ -70,7 +82,7 @@ def build_app(config: ServeConfig) -> Application:
         prefill = serve.deployment(PrefillServer).options(**options).bind(config)
     decode_handles = [
         serve.deployment(DecodeServer).options(**deployment_options(tier, f"DecodeServer-{tier.name}", version)
-                                               ).bind(config, tier.name, prefill)
+                                               ).bind(config, tier.name, prefill, _ep_coordinator(config, tier, version))
         for tier in config.decode_tiers
     ]
     router = serve.deployment(Router).options(name="Router", ray_actor_options={"num_cpus": ROUTER_NUM_CPUS},

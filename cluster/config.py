@@ -57,6 +57,9 @@ class TierConfig(_Strict):
         20.0, ge=0, description="a replica being removed (scale-down, redeploy) finishes its requests for at most "
                                 "this long; streams still open then move to another replica")
     min_prompt_tokens: int = Field(0, ge=0, description="decode tiers: prompts at least this long route here")
+    expert_parallel: int = Field(1, ge=1, description="decode tiers with an MoE model: this many replicas form one "
+                                                      "expert-parallel group (each holds 1/N of every layer's "
+                                                      "experts; num_replicas must equal it); 1 = off")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig overrides for this tier")
 
     @model_validator(mode="after")
@@ -64,6 +67,10 @@ class TierConfig(_Strict):
         unknown = set(self.engine) - set(EngineConfig.model_fields)
         if unknown:
             raise ValueError(f"engine: unknown option(s) {sorted(unknown)}")
+        if self.expert_parallel > 1 and (self.autoscaling is not None or self.num_replicas != self.expert_parallel):
+            raise ValueError(f"expert_parallel: {self.expert_parallel} replicas form the group, so num_replicas must "
+                             f"be {self.expert_parallel} and autoscaling unset (got num_replicas "
+                             f"{self.num_replicas}, autoscaling {self.autoscaling is not None})")
         return self
 
 
@@ -111,6 +118,8 @@ class ServeConfig(_Strict):
             raise ValueError("decode_tiers: one tier must take every prompt length (min_prompt_tokens: 0)")
         for tier in (self.prefill, *self.decode_tiers):
             self.engine_config(tier)  # merged engine options must validate too
+        if self.prefill.expert_parallel > 1:
+            raise ValueError("prefill.expert_parallel: expert parallelism is built for decode tiers")
         return self
 
     @classmethod

@@ -26,7 +26,9 @@ from workers.sampling_params import SamplingParams
 ENGINE_ALIASES = {"num_threads": ("--threads",), "enable_prefix_caching": ("--prefix-caching",),
                   "kv_eviction.policy": ("--kv-eviction",), "kv_eviction.budget": ("--kv-budget",),
                   "kv_eviction.budget_blocks": ("--kv-budget-blocks",)}
-ENGINE_SKIP = frozenset({"role"})  # the deployment sets it (prefill, decode or unified); `run` is unified
+# role: the deployment sets it (prefill, decode or unified; `run` is unified); expert_parallel: only an
+# expert-parallel decode tier reads it (YAML, per tier)
+ENGINE_SKIP = frozenset({"role", "expert_parallel"})
 SERVE_SKIP = frozenset({"engine", "prefill", "decode_tiers"})  # nested per-tier settings: YAML only
 # The command line's one departure from SamplingParams' defaults: a run is reproducible (greedy) unless
 # --temperature is given.

@@ -63,6 +63,20 @@ class EngineMetrics:
         self.moe_busiest = metrics.Gauge("tierserve_moe_busiest_expert_share",
                                          "the busiest expert's share of its layer's routed tokens",
                                          tag_keys=("tier", "role"))
+        # Expert-parallel tiers: the group's epoch and size (a changed epoch = a regroup), the all-to-all traffic,
+        # and the busiest rank's expert load over the mean (what EPLB rebalancing drives toward 1)
+        self.ep_gauges = {name: metrics.Gauge(f"tierserve_ep_{name}", help_text, tag_keys=("tier", "role"))
+                          for name, help_text in (("epoch", "expert-parallel group epoch (bumps on every regroup)"),
+                                                  ("world_size", "replicas in the expert-parallel group"),
+                                                  ("imbalance", "busiest rank's expert load over the mean"))}
+        self.ep_counters = {name: metrics.Counter(f"tierserve_ep_{name}_total", help_text, tag_keys=("tier", "role"))
+                            for name, help_text in (("all_to_all_bytes", "bytes sent to other ranks by dispatch "
+                                                                         "and combine"),
+                                                    ("routed_tokens", "tokens through MoE layers (summed over "
+                                                                      "layers)"),
+                                                    ("regroups", "expert-parallel group re-formed"),
+                                                    ("rebalances", "EPLB placements applied"))}
+        self._ep_seen = dict.fromkeys(self.ep_counters, 0)
         self._engine = engine
         self._period_s = period_s
         threading.Thread(target=self._sample_forever, name="tierserve-metrics", daemon=True).start()
@@ -91,7 +105,19 @@ class EngineMetrics:
             if moe is not None:
                 self.moe_distinct.set(moe["distinct_experts_per_block"], tags=self._tags)
                 self.moe_busiest.set(moe["busiest_expert_share"], tags=self._tags)
+            ep = getattr(self._engine, "expert_parallel", None)
+            if ep is not None:
+                self._add_ep(ep.stats)
             time.sleep(self._period_s)
+
+    def _add_ep(self, stats) -> None:
+        for name, gauge in self.ep_gauges.items():
+            gauge.set(float(getattr(stats, name)), tags=self._tags)
+        for name, counter in self.ep_counters.items():
+            value = getattr(stats, name)
+            if value > self._ep_seen[name]:
+                counter.inc(value - self._ep_seen[name], tags=self._tags)
+                self._ep_seen[name] = value
 
     def _add_spec(self, stats) -> None:
         for name, counter in self.spec_counters.items():

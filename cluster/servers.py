@@ -15,6 +15,7 @@ from typing import AsyncIterator
 import torch
 
 from cluster.config import ServeConfig, TierConfig
+from cluster.ep_coordinator import ServeEPMembership
 from cluster.metrics import EngineMetrics
 from cluster.records import DecodeRequest
 from workers.async_engine import AsyncEngine
@@ -51,15 +52,17 @@ def _threads_for(tier: TierConfig) -> int:
 class EngineServer:
     """Shared by both tiers: one engine (AsyncEngine loop thread) per replica."""
 
-    def __init__(self, config: ServeConfig, tier: TierConfig, role: str):
+    def __init__(self, config: ServeConfig, tier: TierConfig, role: str, ep_coordinator=None):
         engine_config = config.engine_config(tier)
         if engine_config.num_threads is None:
             engine_config = engine_config.model_copy(update={"num_threads": _threads_for(tier)})
         torch.set_num_threads(engine_config.num_threads)
         self.config = config
         self.tier = tier
-        self.engine = AsyncEngine(Engine(engine_config))
         self.replica_id = _replica_id()
+        # An expert-parallel tier: the engine joins its group now (the constructor returns once it has formed).
+        membership = ServeEPMembership(ep_coordinator, self.replica_id) if ep_coordinator is not None else None
+        self.engine = AsyncEngine(Engine(engine_config, ep_membership=membership))
         self.metrics = EngineMetrics(tier.name, role, self.engine.engine)
         pages = self.engine.engine.kv_pages
         self.layout = KVLayout(codec=self.engine.engine.codec.name, block_size=self.engine.engine.block_size,
@@ -119,9 +122,10 @@ class _ServePrefillClient:
 
 
 class DecodeServer(EngineServer):
-    def __init__(self, config: ServeConfig, tier_name: str, prefill=None):
+    def __init__(self, config: ServeConfig, tier_name: str, prefill=None, ep_coordinator=None):
         tier = next(t for t in config.decode_tiers if t.name == tier_name)
-        super().__init__(config, tier, role="unified" if config.mode == "unified" else "decode")
+        super().__init__(config, tier, role="unified" if config.mode == "unified" else "decode",
+                         ep_coordinator=ep_coordinator)
         self.handoff = self.receiver = None
         if prefill is not None:
             engine = self.engine.engine
@@ -148,6 +152,17 @@ class DecodeServer(EngineServer):
             # Cancelled at our `yield` (client gone, deadline): the inner stream is suspended at its
             # own yield and would only abort when garbage-collected. Close it now: blocks return now.
             await stream.aclose()
+
+    async def expert_parallel_stats(self) -> dict[str, object] | None:
+        """This replica's part of its expert-parallel group (None when the tier is not expert-parallel)."""
+        ep = self.engine.engine.expert_parallel
+        if ep is None:
+            return None
+        stats = asdict(ep.stats)
+        stats["replica_id"] = self.replica_id
+        stats["bytes_per_token"] = ep.stats.bytes_per_token
+        stats["held_experts"] = [len(held) for held in ep.held]
+        return stats
 
     async def transfer_stats(self) -> dict[str, int]:
         if self.handoff is None:

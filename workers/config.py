@@ -107,6 +107,8 @@ class ExpertParallelConfig(BaseModel):
                                                                  "never")
     rebalance_min_gain: float = Field(0.05, ge=0, description="EPLB: move experts only if the busiest rank's load "
                                                               "over the mean drops by at least this much")
+    regroup_grace_s: float = Field(10.0, gt=0, description="after losing a member, the survivors wait this long "
+                                                           "for it (or all of the tier) before going on without it")
     idle_poll_ms: float = Field(5.0, gt=0, description="an idle group agrees this often whether a rank has work "
                                                        "(the most a new request waits for its first step)")
 

@@ -108,3 +108,59 @@ def test_a_lost_rank_is_an_error_not_a_hang(moe_dirs):
     reports = run_group(moe_dirs["qwen3_moe"], prompts_by_rank, 40, die=(1, 3), timeout_s=120)
     assert reports[0][1] == "EPMembershipError", reports[0]
     assert "lost a member" in reports[0][2]
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _roster(clock, size=2):
+    from workers.moe.roster import EPRoster
+
+    return EPRoster(target_size=size, store_host="h", store_port=1, prefix="tier", grace_s=10.0, stale_s=5.0,
+                    clock=clock)
+
+
+def test_roster_forms_when_the_tier_is_complete():
+    clock = _Clock()
+    roster = _roster(clock)
+    assert roster.join("b", -1) is None  # waits for its peer
+    spec_a = roster.join("a", -1)
+    spec_b = roster.join("b", -1)
+    assert (spec_a.epoch, spec_a.rank, spec_a.world_size) == (0, 0, 2)
+    assert (spec_b.epoch, spec_b.rank, spec_b.members) == (0, 1, ("a", "b"))
+    assert not roster.change_pending(0)
+
+
+def test_roster_regroups_survivors_after_the_grace_then_grows_back():
+    clock = _Clock()
+    roster = _roster(clock)
+    roster.join("a", -1), roster.join("b", -1), roster.join("a", -1)
+    # b is lost: a's collective fails and it asks for the next epoch; b never comes
+    assert roster.join("a", 0) is None
+    clock.now = 9.9
+    assert roster.join("a", 0) is None
+    clock.now = 10.0
+    spec = roster.join("a", 0)
+    assert (spec.epoch, spec.world_size, spec.members) == (1, 1, ("a",))
+    # b's replacement arrives: a sees the change at its next handshake and both join epoch 2 together
+    clock.now = 20.0
+    assert roster.join("c", -1) is None
+    assert roster.change_pending(1)
+    spec_a = roster.join("a", 1)
+    assert (spec_a.epoch, spec_a.world_size) == (2, 2)
+    assert roster.join("c", -1).members == ("a", "c")
+
+
+def test_roster_drops_a_member_that_died_while_waiting():
+    clock = _Clock()
+    roster = _roster(clock, size=3)
+    roster.join("dead", -1)
+    clock.now = 6.0  # "dead" stopped polling 6 s ago
+    assert roster.join("a", -1) is None
+    clock.now = 16.0
+    assert roster.join("a", -1).members == ("a",)

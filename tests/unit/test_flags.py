@@ -7,7 +7,7 @@ import pytest
 from cluster.cli import build_parser
 from cluster.config import AutoscalingConfig, ServeConfig, TierConfig
 from cluster.flags import ENGINE_SKIP, engine_config, engine_flags, model_flags, serve_overrides
-from workers.config import EngineConfig, EvictionConfig, MoERoutingConfig, SpeculativeConfig
+from workers.config import EngineConfig, EvictionConfig, ExpertParallelConfig, MoERoutingConfig, SpeculativeConfig
 from workers.sampling_params import SamplingParams
 
 
@@ -16,7 +16,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("model", [ServeConfig, TierConfig, AutoscalingConfig, EngineConfig, EvictionConfig,
-                                   SpeculativeConfig])
+                                   SpeculativeConfig, MoERoutingConfig, ExpertParallelConfig])
 def test_every_field_is_described(model):
     assert [name for name, info in model.model_fields.items() if not info.description] == []
 

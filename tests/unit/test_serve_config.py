@@ -98,3 +98,27 @@ def test_build_app_pins_the_version_and_the_graceful_shutdown():
     assert router.version == decode.version == code_version(config)
     assert decode.name == "DecodeServer-default"
     assert decode._deployment_config.graceful_shutdown_timeout_s == 3
+
+
+@pytest.mark.parametrize("tier,needle", [
+    ({"expert_parallel": 2}, "num_replicas must be 2"),  # one replica cannot hold half the experts
+    ({"expert_parallel": 2, "num_replicas": 2, "autoscaling": {"max_replicas": 4}}, "autoscaling unset"),
+])
+def test_expert_parallel_tier_needs_exactly_its_replicas(tier, needle):
+    with pytest.raises(ValidationError, match=needle):
+        ServeConfig.model_validate({"decode_tiers": [{"name": "default", **tier}]})
+    with pytest.raises(ValidationError, match="built for decode tiers"):
+        ServeConfig.model_validate({"prefill": {"name": "prefill", "expert_parallel": 2, "num_replicas": 2}})
+
+
+def test_build_app_gives_an_expert_parallel_tier_its_roster():
+    from cluster.app import build_app
+
+    config = ServeConfig.model_validate({"decode_tiers": [
+        {"name": "default"}, {"name": "moe", "min_prompt_tokens": 10, "num_replicas": 2, "expert_parallel": 2,
+                              "engine": {"expert_parallel": {"regroup_grace_s": 4}}}]})
+    decodes = [bound._bound_deployment for bound in build_app(config)._bound_deployment.init_args[1]]
+    assert decodes[0].init_args[3] is None
+    coordinator = decodes[1].init_args[3]._bound_deployment
+    assert coordinator.name == "EPCoordinator-moe" and coordinator.init_args == ("moe", 2, 4.0)
+    assert coordinator._deployment_config.num_replicas == 1

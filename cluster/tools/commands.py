@@ -18,7 +18,8 @@ from cluster.tools.train_drafter import add_parser as add_train_drafter_parser
 BENCH_TARGETS = {"engine": ("cluster.tools.bench_engine", "run_engine_bench"),
                  "serve": ("cluster.tools.bench_serve", "run_serve_bench"),
                  "chaos": ("cluster.tools.bench_chaos", "run_chaos_bench"),
-                 "spec": ("cluster.tools.bench_spec", "run_spec_bench")}
+                 "spec": ("cluster.tools.bench_spec", "run_spec_bench"),
+                 "moe": ("cluster.tools.bench_moe", "run_moe_bench")}
 EVAL_TARGETS = {"kv": ("cluster.tools.eval_kv", "run_eval_kv"),
                 "memory": ("cluster.tools.kv_memory", "run_memory"),
                 "longctx": ("cluster.tools.eval_longctx", "run_eval_longctx"),
@@ -66,6 +67,9 @@ def add_parsers(sub) -> None:
     from cluster.tools.bench_spec import add_spec_options
 
     add_spec_options(bench)
+    from cluster.tools.bench_moe import add_moe_bench_options
+
+    add_moe_bench_options(bench)
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser("eval", help="quality evaluations (table on stdout, JSON + PNG with --json)")

@@ -107,29 +107,39 @@ def add_eval_moe_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-seed", type=int, default=0, help="moe: random pruning's seed")
 
 
-def cmd_prune_experts(args: argparse.Namespace) -> int:
+def write_pruned(model: str, out: str, keep: float, method: str = "reap", texts: list[str] | None = None,
+                 window: int = 256, calibration_windows: int = 16, seed: int = 0) -> int:
+    """Prune an HF MoE checkpoint to `keep` of each layer's experts and write it to `out`; returns experts kept."""
     from cluster.tools.train_drafter import default_texts
     from workers.model.loader import load_model
     from workers.moe.reap import choose_experts, collect_expert_stats, down_scale, prune_checkpoint, sparse_blocks
 
+    loaded = load_model(model, dtype=torch.float32, device="cpu")
+    if loaded.config.moe is None:
+        raise ValueError(f"{model} is not an MoE model")
+    windows = _windows(loaded, texts or default_texts(), window, calibration_windows)
+    stats = collect_expert_stats(loaded, windows)
+    kept = choose_experts(stats, keep, method, seed)
+    scales = {index: down_scale(block, stats[index], kept[index]) for index, block in sparse_blocks(loaded)}
+    prune_checkpoint(model, out, kept, scales)
+    return len(next(iter(kept.values())))
+
+
+def cmd_prune_experts(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.model):
         print("error: prune-experts reads an HF checkpoint directory (--model DIR)", file=sys.stderr)
-        return 2
-    loaded = load_model(args.model, dtype=torch.float32, device="cpu")
-    if loaded.config.moe is None:
-        print(f"error: {args.model} is not an MoE model", file=sys.stderr)
         return 2
     texts = []
     for path in args.text or ():
         with open(path, encoding="utf-8") as f:
             texts.append(f.read())
-    windows = _windows(loaded, texts or default_texts(), args.window, args.calibration_windows)
-    stats = collect_expert_stats(loaded, windows)
-    kept = choose_experts(stats, args.keep, args.method, args.seed)
-    scales = {index: down_scale(block, stats[index], kept[index]) for index, block in sparse_blocks(loaded)}
-    prune_checkpoint(args.model, args.out, kept, scales)
-    print(f"prune-experts: {args.method}, kept {len(next(iter(kept.values())))} of "
-          f"{loaded.config.moe.num_experts} experts per layer -> {args.out}")
+    try:
+        kept = write_pruned(args.model, args.out, args.keep, args.method, texts or None, args.window,
+                            args.calibration_windows, args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"prune-experts: {args.method}, kept {kept} experts per layer -> {args.out}")
     return 0
 
 
